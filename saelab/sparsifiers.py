@@ -1,0 +1,229 @@
+"""Sparsifiers: the one part in which SAE variants differ.
+
+A sparsifier maps encoder pre-activations `pre [N, d_sae]` to a sparse `Code`. Variants register by
+name; `SAE` and `CrossCoder` never branch on the variant, they ask the sparsifier.
+
+Per-token variants (relu, topk, abstopk) treat each token alone, in training and at inference.
+
+Batch-level variants select over the whole training batch, then need a per-token rule at inference:
+
+| name          | training selection                         | inference rule                      | auxiliary loss  |
+|---------------|--------------------------------------------|-------------------------------------|-----------------|
+| batchtopk     | global top k*N of relu(pre)                | relu(pre) > learned threshold       | AuxK            |
+| mutualchoice  | global top k*N of relu(pre) (same code)    | global top k*N over the given batch | AuxK + aux_zipf |
+| featurechoice | each latent's top m = k*N/d_sae tokens     | relu(pre) > learned threshold       | AuxK            |
+
+BatchTopK (Bussmann et al. 2024) and Mutual Choice (Ayonrinde 2024) are the same allocation in
+training; they differ in what they promise at inference. BatchTopK turns the batch budget into a
+JumpReLU-like threshold so a token's code no longer depends on its batch-mates. Mutual Choice keeps
+the paper's allocation over whatever batch it is given (with one token it is exactly TopK), and adds
+aux_zipf_loss to keep latent usage from collapsing onto a few latents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from saelab.ops import column_topk_mask, global_topk_mask, topk_per_row
+
+if TYPE_CHECKING:
+    from saelab.config import SAEConfig
+
+
+@dataclass
+class Code:
+    """A batch of sparse codes.
+
+    Either `values [N, K]` with `indices [N, K]` (K latents per token; padded entries have value 0),
+    or, when `indices` is None, `values` is the dense activation matrix `[N, d_sae]`.
+    """
+
+    values: Tensor
+    indices: Tensor | None
+
+    def dense(self, d_sae: int) -> Tensor:
+        """The code as a dense [N, d_sae] matrix."""
+        if self.indices is None:
+            return self.values
+        out = self.values.new_zeros(self.values.shape[0], d_sae)
+        return out.scatter(1, self.indices, self.values)
+
+    def fired(self, d_sae: int) -> Tensor:
+        """Bool [d_sae]: which latents are non-zero for at least one token of the batch."""
+        if self.indices is None:
+            return (self.values != 0).any(0)
+        out = torch.zeros(d_sae, dtype=torch.bool, device=self.values.device)
+        return out.index_fill(0, self.indices[self.values != 0], True)
+
+    def l0(self) -> Tensor:
+        """Mean number of non-zero latents per token."""
+        return (self.values != 0).sum(-1).float().mean()
+
+
+class Sparsifier(nn.Module):
+    """Base class: maps pre-activations [N, d_sae] to a `Code`. Subclasses register by `name`."""
+
+    name: ClassVar[str]
+    unit_norm_decoder: ClassVar[bool] = True
+    """Keep decoder rows at unit norm (top-k family); relu instead pays an L1 weighted by row norms."""
+    signed: ClassVar[bool] = False
+    """Codes may be negative (abstopk)."""
+    uses_auxk: ClassVar[bool] = True
+    """Train dead latents with the AuxK loss."""
+    uses_zipf: ClassVar[bool] = False
+    """Train under-used latents with aux_zipf_loss (needs a `firing_rate` buffer)."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.k = cfg.k
+        self.d_sae = cfg.d_sae
+
+    def forward(self, pre: Tensor) -> Code:
+        raise NotImplementedError
+
+    def aux_scores(self, pre: Tensor) -> Tensor:
+        """Scores by which AuxK picks dead latents: the value a latent would take if selected."""
+        return pre if self.signed else pre.relu()
+
+
+SPARSIFIERS: dict[str, type[Sparsifier]] = {}
+
+
+def register(cls: type[Sparsifier]) -> type[Sparsifier]:
+    """Class decorator adding a sparsifier to the registry under `cls.name`."""
+    SPARSIFIERS[cls.name] = cls
+    return cls
+
+
+def make_sparsifier(cfg: SAEConfig) -> Sparsifier:
+    """Instantiate the sparsifier named by `cfg.sparsifier`."""
+    return SPARSIFIERS[cfg.sparsifier](cfg)
+
+
+@register
+class ReLU(Sparsifier):
+    """Plain ReLU; sparsity comes from the L1 penalty in the loss (Anthropic's April 2024 recipe)."""
+
+    name = "relu"
+    unit_norm_decoder = False
+    uses_auxk = False
+
+    def forward(self, pre: Tensor) -> Code:
+        return Code(pre.relu(), None)
+
+
+@register
+class TopK(Sparsifier):
+    """Keep each token's k largest pre-activations, then ReLU (Gao et al. 2024)."""
+
+    name = "topk"
+
+    def forward(self, pre: Tensor) -> Code:
+        vals, idx = topk_per_row(pre, self.k)
+        return Code(vals.relu(), idx)
+
+
+@register
+class AbsTopK(Sparsifier):
+    """Keep each token's k pre-activations of largest magnitude, signs kept, no ReLU.
+
+    A latent can then encode both directions of a bidirectional feature (AbsTopK paper).
+    """
+
+    name = "abstopk"
+    signed = True
+
+    def forward(self, pre: Tensor) -> Code:
+        idx = topk_per_row(pre.abs(), self.k)[1]
+        return Code(pre.gather(1, idx), idx)
+
+
+class _Thresholded(Sparsifier):
+    """Batch-level selection in training; a learned threshold stands in for it at inference.
+
+    The threshold is an EMA over training batches of the smallest positive selected activation,
+    so at inference a token keeps roughly the latents the batch rule would have given it.
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.momentum = cfg.threshold_momentum
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))
+
+    def select(self, acts: Tensor) -> Tensor:
+        """Training-time selection on relu(pre) [N, d_sae], returning the dense kept matrix."""
+        raise NotImplementedError
+
+    def forward(self, pre: Tensor) -> Code:
+        acts = pre.relu()
+        if not self.training:
+            return Code(acts * (acts > self.threshold), None)
+        kept = self.select(acts)
+        self._update_threshold(kept.detach())
+        return Code(kept, None)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        positive = kept[kept > 0]
+        if positive.numel() == 0:
+            return
+        low = positive.min().float()
+        if self.threshold_steps == 0:
+            self.threshold.copy_(low)
+        else:
+            self.threshold.mul_(self.momentum).add_((1 - self.momentum) * low)
+        self.threshold_steps += 1
+
+
+@register
+class BatchTopK(_Thresholded):
+    """Global top k*N over the batch in training; learned threshold at inference (Bussmann et al. 2024)."""
+
+    name = "batchtopk"
+
+    def select(self, acts: Tensor) -> Tensor:
+        return global_topk_mask(acts, self.k * acts.shape[0])
+
+
+@register
+class FeatureChoice(_Thresholded):
+    """Each latent picks its top m = k*N/d_sae tokens of the batch (Ayonrinde 2024).
+
+    Usage is balanced by construction (no dead latents), tokens get variable numbers of latents.
+    """
+
+    name = "featurechoice"
+
+    def select(self, acts: Tensor) -> Tensor:
+        m = max(1, math.ceil(self.k * acts.shape[0] / self.d_sae))
+        return column_topk_mask(acts, m)
+
+
+@register
+class MutualChoice(Sparsifier):
+    """Global top k*N over the token x latent matrix, in training and at inference (Ayonrinde 2024).
+
+    Keeps an EMA of each latent's firing rate, which `aux_zipf_loss` compares to a Zipf-law target.
+    """
+
+    name = "mutualchoice"
+    uses_zipf = True
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.momentum = cfg.threshold_momentum
+        self.register_buffer("firing_rate", torch.zeros(cfg.d_sae))
+
+    def forward(self, pre: Tensor) -> Code:
+        kept = global_topk_mask(pre.relu(), self.k * pre.shape[0])
+        if self.training:
+            with torch.no_grad():
+                rate = (kept > 0).float().mean(0)
+                self.firing_rate.mul_(self.momentum).add_((1 - self.momentum) * rate)
+        return Code(kept, None)
