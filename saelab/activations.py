@@ -102,9 +102,7 @@ def load_corpus(dataset: str, split: str = "train", text_column: str = "text") -
     return ds
 
 
-def token_sequences(
-    model: LanguageModel, cfg: DataConfig, part: str, max_tokens: int, seed: int = 0
-) -> Tensor:
+def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens: int, seed: int = 0) -> Tensor:
     """Token sequences [n, context_size] of the training or held-out part of the corpus.
 
     Documents are concatenated with EOS between them and cut into sequences; sequence i is held out
@@ -249,10 +247,7 @@ class ArrayActivations:
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         shard_of = np.searchsorted(self.offsets, sorted_idx, side="right") - 1
-        parts = [
-            np.asarray(self.shards[s][sorted_idx[shard_of == s] - self.offsets[s]])
-            for s in np.unique(shard_of)
-        ]
+        parts = [np.asarray(self.shards[s][sorted_idx[shard_of == s] - self.offsets[s]]) for s in np.unique(shard_of)]
         out = np.empty((len(idx), self.d_in), dtype=np.float32)
         out[order] = np.concatenate(parts)
         return torch.from_numpy(out)
@@ -316,8 +311,16 @@ class ActivationCache:
     @staticmethod
     def key(cfg: DataConfig, seed: int) -> dict[str, Any]:
         """What must match for a cache to be reused."""
-        fields = ("model", "hook_name", "dataset", "split", "text_column", "context_size", "holdout_every",
-                  "exclude_norm_factor")
+        fields = (
+            "model",
+            "hook_name",
+            "dataset",
+            "split",
+            "text_column",
+            "context_size",
+            "holdout_every",
+            "exclude_norm_factor",
+        )
         return {f: getattr(cfg, f) for f in fields} | {"seed": seed, "format": CACHE_FORMAT}
 
     @classmethod
@@ -347,8 +350,16 @@ class ActivationCache:
         tmp.mkdir(parents=True)
         # Over-provision sequences for the tokens the norm filter will drop.
         seqs = token_sequences(model, cfg, "train", int(cfg.n_tokens * 1.05) + cfg.context_size, seed)
-        src = ModelActivations(model, cfg.hook_name, seqs, cfg.model_batch_size, cfg.exclude_norm_factor,
-                               cfg.buffer_tokens, n_tokens=cfg.n_tokens, seed=seed)
+        src = ModelActivations(
+            model,
+            cfg.hook_name,
+            seqs,
+            cfg.model_batch_size,
+            cfg.exclude_norm_factor,
+            cfg.buffer_tokens,
+            n_tokens=cfg.n_tokens,
+            seed=seed,
+        )
         shards: list[str] = []
         pending: list[Tensor] = []
         written = 0

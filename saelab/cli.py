@@ -23,7 +23,10 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(
-            f"--{prefix}{f.name}", dest=prefix + f.name, default=argparse.SUPPRESS, metavar=typ.__name__.upper(),
+            f"--{prefix}{f.name}",
+            dest=prefix + f.name,
+            default=argparse.SUPPRESS,
+            metavar=typ.__name__.upper(),
             help=f"{docs.get(f.name, '')} (default: {default!r})",
         )
 
@@ -57,16 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The `saelab` argument parser."""
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and browse sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train an SAE (harvesting activations if needed)",
-                           description="Train an SAE. Options override the config file's values.")
+    train = sub.add_parser(
+        "train",
+        help="train an SAE (harvesting activations if needed)",
+        description="Train an SAE. Options override the config file's values.",
+    )
     train.add_argument("--config", help="TOML or JSON TrainConfig file (see data/configs/)")
     _add_config_options(train, TrainConfig)
     ev = sub.add_parser("eval", help="evaluate a trained SAE on held-out text")
     ev.add_argument("run_dir", help="directory holding cfg.json and sae_weights.safetensors")
     ev.add_argument("--tokens", type=int, default=20_000, help="held-out tokens to evaluate on")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    ev.add_argument("--all-tokens", action="store_true",
-                    help="also report CE with the SAE spliced in at massive-norm tokens too")
+    ev.add_argument(
+        "--all-tokens", action="store_true", help="also report CE with the SAE spliced in at massive-norm tokens too"
+    )
     return parser
 
 

@@ -73,9 +73,7 @@ class SAEConfig:
         from saelab.sparsifiers import SPARSIFIERS
 
         if self.sparsifier not in SPARSIFIERS:
-            raise ConfigError(
-                f"unknown sparsifier {self.sparsifier!r}; choose one of {sorted(SPARSIFIERS)}"
-            )
+            raise ConfigError(f"unknown sparsifier {self.sparsifier!r}; choose one of {sorted(SPARSIFIERS)}")
         for name in ("d_in", "d_sae", "auxk_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -83,7 +81,7 @@ class SAEConfig:
             raise ConfigError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
-        if self.d_sae and self.k > self.d_sae:
+        if self.d_sae and self.k > self.d_sae and SPARSIFIERS[self.sparsifier].uses_k:
             raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
         if not 0.0 <= self.threshold_momentum < 1.0:
             raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")

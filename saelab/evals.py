@@ -152,7 +152,7 @@ def spliced_metrics(
         "ce_loss_sae": avg["ce_sae"],
         "ce_loss_zero_ablation": avg["ce_zero"],
         "ce_loss_increase": avg["ce_sae"] - avg["ce_clean"],
-        "ce_loss_recovered": (avg["ce_zero"] - avg["ce_sae"]) / max(avg["ce_zero"] - avg["ce_clean"], 1e-12),
+        "ce_loss_recovered": _recovered(avg["ce_clean"], avg["ce_sae"], avg["ce_zero"]),
         "kl_div": avg["kl"],
         "outlier_frac": n_outliers / max(n_tok, 1),
         "eval_tokens": n_tok,
@@ -160,6 +160,12 @@ def spliced_metrics(
     if all_tokens:
         out |= {"ce_loss_all_tokens": avg["ce_all"], "kl_div_all_tokens": avg["kl_all"]}
     return out
+
+
+def _recovered(clean: float, sae: float, zero: float) -> float:
+    """(CE_zero - CE_sae) / (CE_zero - CE_clean); NaN when ablating changes nothing (undefined)."""
+    gap = zero - clean
+    return (zero - sae) / gap if abs(gap) > 1e-6 else math.nan
 
 
 def data_config_for(run_dir: Path, sae: SAE) -> DataConfig:

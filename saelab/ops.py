@@ -24,9 +24,7 @@ def decode_sparse(values_NK: Tensor, indices_NK: Tensor, W_dec: Tensor) -> Tenso
         )
     # embedding_bag is a fused gather + weighted sum with a scatter-add backward: no [N, K, d_in]
     # intermediate, unlike W_dec[indices] * values[..., None].
-    return F.embedding_bag(
-        indices_NK, W_dec, per_sample_weights=values_NK.to(W_dec.dtype), mode="sum"
-    )
+    return F.embedding_bag(indices_NK, W_dec, per_sample_weights=values_NK.to(W_dec.dtype), mode="sum")
 
 
 def topk_per_row(acts_NF: Tensor, k: int) -> tuple[Tensor, Tensor]:

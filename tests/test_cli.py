@@ -1,0 +1,87 @@
+"""The `saelab` command line, end to end on the tiny model, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from saelab.cli import main
+
+
+def saelab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "saelab.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def tiny_args(tiny_model_dir, corpus_dir, out) -> list[str]:
+    return [
+        "--data.model",
+        str(tiny_model_dir),
+        "--data.dataset",
+        str(corpus_dir),
+        "--data.hook_name",
+        "blocks.1.hook_resid_post",
+        "--data.context_size",
+        "32",
+        "--data.n_tokens",
+        "2048",
+        "--data.holdout_every",
+        "4",
+        "--batch_size",
+        "256",
+        "--epochs",
+        "2",
+        "--out_dir",
+        str(out),
+        "--eval_tokens",
+        "256",
+        "--sae.k",
+        "4",
+        "--sae.expansion_factor",
+        "2",
+    ]
+
+
+def test_train_then_eval_json(tiny_model_dir, corpus_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    done = saelab("train", *tiny_args(tiny_model_dir, corpus_dir, out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CE loss recovered" in done.stdout
+    for name in ("cfg.json", "sae_weights.safetensors", "metrics.jsonl", "eval.json", "checkpoint"):
+        assert (out / name).exists(), name
+    ev = saelab("eval", str(out), "--json", "--tokens", "256")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    result = json.loads(ev.stdout)
+    for key in ("fvu", "mse", "l0", "dead_frac", "dense_frac", "ce_loss_recovered", "ce_loss_increase", "kl_div"):
+        assert key in result
+    assert result["l0"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sae.sparsifier", "gated"], "unknown sparsifier 'gated'"),
+        (["--sae.k", "100"], "k = 100 exceeds d_sae = 64"),
+        (["--data.hook_name", "blocks.5.hook_resid_post"], "no hook point 'blocks.5.hook_resid_post'"),
+    ],
+)
+def test_bad_input_exits_with_a_message(tiny_model_dir, corpus_dir, tmp_path, capsys, args, message) -> None:
+    assert main(["train", *tiny_args(tiny_model_dir, corpus_dir, tmp_path / "r"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_option_and_missing_config(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--sae.nope", "3"])
+    assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "cfg.json is missing" in capsys.readouterr().err
+
+
+def test_help_shows_field_docs(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "Active latents per token" in capsys.readouterr().out

@@ -1,0 +1,75 @@
+"""Evaluation metrics on hand-built SAEs whose answers are known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab import SAE, SAEConfig
+from saelab.evals import format_table, reconstruction_metrics, spliced_metrics
+
+
+def exact_sae(d: int, hook: str, threshold: float = 0.0) -> SAE:
+    """relu(x) - relu(-x) = x: encoder [I, -I], decoder [I; -I] reconstructs every input exactly."""
+    sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, sparsifier="relu", hook_name=hook, exclude_norm_above=threshold))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+    return sae
+
+
+def test_reconstruction_metrics_hand_computed() -> None:
+    sae = exact_sae(2, "h")
+    x = torch.tensor([[1.0, 0.0], [0.0, -2.0], [3.0, 0.0], [0.0, 0.0]])
+    m = reconstruction_metrics(sae, x)
+    # Exact reconstruction; latents fire for positive/negative parts: (x0>0, x1>0, x0<0, x1<0).
+    assert m["fvu"] == pytest.approx(0.0) and m["mse"] == pytest.approx(0.0)
+    assert m["l0"] == pytest.approx(3 / 4)  # three non-zero coordinates over four tokens
+    assert m["dead_frac"] == pytest.approx(2 / 4)  # x1 > 0 and x0 < 0 never happen
+    # Zeroing the decoder leaves the whole variance unexplained.
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.copy_(x.mean(0))
+    assert reconstruction_metrics(sae, x)["fvu"] == pytest.approx(1.0)
+
+
+def test_massive_norm_tokens_are_left_out_of_fvu() -> None:
+    sae = exact_sae(2, "h", threshold=10.0)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)  # halves every reconstruction: FVU 0.25 on zero-mean data
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [500.0, 0.0]])
+    m = reconstruction_metrics(sae, x)
+    assert m["tokens"] == 4  # the norm-500 token is excluded
+    assert m["fvu"] == pytest.approx(0.25)
+
+
+def test_exact_sae_spliced_in_changes_nothing(tiny_model) -> None:
+    hook = "blocks.0.hook_resid_post"
+    toks = torch.randint(3, 250, (4, 12), generator=torch.Generator().manual_seed(0))
+    m = spliced_metrics(exact_sae(32, hook), tiny_model, toks, batch_size=2)
+    assert m["ce_loss_sae"] == pytest.approx(m["ce_loss_clean"], abs=1e-4)
+    assert m["kl_div"] == pytest.approx(0.0, abs=1e-5)
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert m["ce_loss_zero_ablation"] != pytest.approx(m["ce_loss_clean"], abs=1e-3)
+    assert m["fvu"] == pytest.approx(0.0, abs=1e-6) and m["eval_tokens"] == 48
+    assert "CE loss recovered" in format_table(m)
+
+
+def test_half_strength_sae_recovers_between_zero_and_one(tiny_model) -> None:
+    hook = "blocks.0.hook_resid_post"
+    sae = exact_sae(32, hook)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)
+    toks = torch.randint(3, 250, (4, 12), generator=torch.Generator().manual_seed(0))
+    m = spliced_metrics(sae, tiny_model, toks, batch_size=4, all_tokens=True)
+    assert m["kl_div"] > 0
+    expected = (m["ce_loss_zero_ablation"] - m["ce_loss_sae"]) / (m["ce_loss_zero_ablation"] - m["ce_loss_clean"])
+    assert m["ce_loss_recovered"] == pytest.approx(expected)
+    assert m["ce_loss_all_tokens"] == pytest.approx(m["ce_loss_sae"])  # no outlier threshold set
+
+
+def test_hook_width_mismatch_is_a_clear_error(tiny_model) -> None:
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, k=2, hook_name="blocks.0.hook_resid_post"))
+    with pytest.raises(ValueError, match="d_in = 16 does not match hook 'blocks.0.hook_resid_post'.*width 32"):
+        spliced_metrics(sae, tiny_model, torch.tensor([[3, 4, 5]]))

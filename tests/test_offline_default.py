@@ -1,0 +1,58 @@
+"""Integration: the real offline default (SmolLM2-135M over Shakespeare), with small token counts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_and_eval_smollm2_on_shakespeare(tmp_path) -> None:
+    from saelab.models import load_model
+
+    model = load_model("smollm2-135m", device="cpu")
+    assert (model.d_model, model.n_layers) == (576, 30)
+    model.check_hook("blocks.12.hook_resid_post")
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        "data/configs/topk.toml",
+        "--out_dir",
+        str(out),
+        "--data.cache_dir",
+        "",
+        "--data.n_tokens",
+        "8192",
+        "--data.model_batch_size",
+        "16",
+        "--batch_size",
+        "1024",
+        "--epochs",
+        "2",
+        "--eval_tokens",
+        "512",
+    ]
+    done = subprocess.run([sys.executable, "-m", "saelab.cli", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "activations" / "meta.json").read_text())
+    assert meta["n_tokens"] == 8192 and meta["d_in"] == 576
+    # Position 0 of every 128-token sequence is an attention sink with a massive norm: about 1 in 128
+    # tokens is excluded, and every sequence contributes at least one.
+    assert meta["tokens_excluded"] >= meta["tokens_seen"] // 128
+    ev = subprocess.run(
+        [sys.executable, "-m", "saelab.cli", "eval", str(out), "--json", "--tokens", "512"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads(ev.stdout)
+    assert result["l0"] == pytest.approx(32.0)
+    assert result["ce_loss_clean"] < result["ce_loss_sae"] < result["ce_loss_zero_ablation"]
+    assert 0.0 < result["fvu"] < 1.0

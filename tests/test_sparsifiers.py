@@ -1,0 +1,130 @@
+"""Each sparsifier on tiny hand-computed tensors: which entries survive, with which values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab import SAE, SAEConfig
+from saelab.losses import aux_zipf_loss, auxk_loss, l1_decoder_weighted, zipf_targets
+from saelab.sparsifiers import SPARSIFIERS, make_sparsifier
+
+
+def sparsifier(name: str, k: int, d_sae: int, **kw):
+    return make_sparsifier(SAEConfig(d_in=4, d_sae=d_sae, sparsifier=name, k=k, **kw))
+
+
+def test_registry_has_every_variant() -> None:
+    assert set(SPARSIFIERS) == {"relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice"}
+
+
+def test_topk_keeps_largest_per_token_and_relus() -> None:
+    pre = torch.tensor([[1.0, 5.0, 3.0, -2.0], [-4.0, -1.0, 2.0, -0.5]])
+    code = sparsifier("topk", k=2, d_sae=4)(pre)
+    # Row 0: 5 and 3 are the two largest. Row 1: 2 and -0.5 are, and ReLU turns -0.5 into 0.
+    expected = torch.tensor([[0.0, 5.0, 3.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    torch.testing.assert_close(code.dense(4), expected)
+    assert code.indices is not None and code.indices.shape == (2, 2)
+
+
+def test_abstopk_selects_by_magnitude_and_keeps_signs() -> None:
+    pre = torch.tensor([[1.0, -5.0, 3.0, -2.0], [0.1, -0.2, 0.3, -0.4]])
+    code = sparsifier("abstopk", k=2, d_sae=4)(pre)
+    # |pre| ranks -5 and 3 first in row 0, -0.4 and 0.3 in row 1; signs survive (no ReLU).
+    expected = torch.tensor([[0.0, -5.0, 3.0, 0.0], [0.0, 0.0, 0.3, -0.4]])
+    torch.testing.assert_close(code.dense(4), expected)
+
+
+def test_batchtopk_spends_budget_over_batch_and_learns_threshold() -> None:
+    sp = sparsifier("batchtopk", k=2, d_sae=3)
+    pre = torch.tensor([[5.0, 4.0, 3.0], [1.0, 0.5, -0.2]])
+    sp.train()
+    code = sp(pre)
+    # Budget k * N = 4: the four largest of the whole matrix are 5, 4, 3 (token 0) and 1 (token 1).
+    expected = torch.tensor([[5.0, 4.0, 3.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(code.dense(3), expected)
+    assert (code.values != 0).sum(1).tolist() == [3, 1]
+    # First update sets the threshold to the smallest selected positive value.
+    assert sp.threshold.item() == pytest.approx(1.0)
+    # EMA: the next batch keeps 9, 8, 7, 6, so its smallest kept value 6 moves the threshold by 1%.
+    sp(torch.tensor([[9.0, 8.0, 7.0], [6.0, 5.0, 3.0]]))
+    assert sp.threshold.item() == pytest.approx(0.99 * 1.0 + 0.01 * 6.0)
+    # Inference is per token: keep relu(pre) >= threshold, whatever the batch-mates.
+    sp.eval()
+    sp.threshold.fill_(1.0)
+    torch.testing.assert_close(sp(torch.tensor([[0.9, 1.0, 2.0]])).dense(3), torch.tensor([[0.0, 1.0, 2.0]]))
+
+
+def test_mutualchoice_shares_batchtopk_training_selection_and_allocates_at_inference() -> None:
+    pre = torch.randn(6, 10)
+    mc, btk = sparsifier("mutualchoice", k=3, d_sae=10), sparsifier("batchtopk", k=3, d_sae=10)
+    mc.train(), btk.train()
+    torch.testing.assert_close(mc(pre).dense(10), btk(pre).dense(10))
+    mc.eval()
+    # At inference mutual choice still allocates k * N over the given batch ...
+    assert int((mc(pre).values != 0).sum()) == min(18, int((pre > 0).sum()))
+    # ... which for a single token is exactly TopK.
+    one = pre[:1]
+    torch.testing.assert_close(mc(one).dense(10), sparsifier("topk", k=3, d_sae=10)(one).dense(10))
+
+
+def test_featurechoice_each_latent_picks_its_top_tokens() -> None:
+    sp = sparsifier("featurechoice", k=1, d_sae=2)
+    sp.train()
+    pre = torch.tensor([[4.0, 1.0], [3.0, 2.0], [2.0, 3.0], [1.0, 4.0]])
+    code = sp(pre)
+    # m = ceil(k * N / d_sae) = ceil(1 * 4 / 2) = 2 tokens per latent: latent 0 takes tokens 0, 1
+    # (values 4, 3); latent 1 takes tokens 3, 2 (values 4, 3). Per-token counts are 1, 1, 1, 1.
+    expected = torch.tensor([[4.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 4.0]])
+    torch.testing.assert_close(code.dense(2), expected)
+    assert (code.values != 0).sum(0).tolist() == [2, 2]
+
+
+def test_relu_l1_is_weighted_by_decoder_norms() -> None:
+    acts = torch.tensor([[1.0, 0.0, 2.0]])
+    W_dec = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.5]])  # row norms 5, 1, 0.5
+    # |1| * 5 + |0| * 1 + |2| * 0.5 = 6
+    assert l1_decoder_weighted(acts, W_dec).item() == pytest.approx(6.0)
+
+
+def test_auxk_uses_only_dead_latents() -> None:
+    W_dec = torch.eye(3)
+    resid = torch.tensor([[0.0, 2.0, 0.0], [0.0, -1.0, 0.0]])
+    scores = torch.tensor([[9.0, 2.0, 0.0], [9.0, -1.0, 0.0]])
+    dead = torch.tensor([False, True, False])
+    # Latent 0 scores highest but is alive; the only dead latent (1) reproduces the residual exactly.
+    assert auxk_loss(resid, scores, dead, k_aux=1, W_dec=W_dec).item() == pytest.approx(0.0)
+    assert auxk_loss(resid, scores, torch.zeros(3, dtype=torch.bool), 1, W_dec).item() == 0.0
+    # With latent 0 dead instead, it predicts [9, 0, 0]: a large error.
+    assert auxk_loss(resid, scores, torch.tensor([True, False, False]), 1, W_dec).item() > 10
+
+
+def test_zipf_targets_and_zipf_loss_revive_underused() -> None:
+    t = zipf_targets(4, k=1, exponent=1.0)
+    # p(r) ~ 1/r normalised to sum to k = 1: 1/H_4 * [1, 1/2, 1/3, 1/4], H_4 = 25/12.
+    torch.testing.assert_close(t, torch.tensor([12 / 25, 6 / 25, 4 / 25, 3 / 25]))
+    W_dec = torch.eye(4)
+    resid = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -1.0]])
+    scores = torch.tensor([[5.0, 0.0, 0.0, 1.0], [5.0, 0.0, 0.0, -1.0]])
+    # Every latent at or above its target: no loss. Latent 3 never firing: it must explain the residual.
+    assert aux_zipf_loss(resid, scores, t.clone(), 1, 1, 1.0, W_dec).item() == 0.0
+    rate = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    assert aux_zipf_loss(resid, scores, rate, 1, 1, 1.0, W_dec).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+def test_every_variant_trains_in_a_plain_user_loop(name: str) -> None:
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=32, sparsifier=name, k=2))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(64, 8)
+    first = None
+    for _ in range(30):
+        out = sae(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = first if first is not None else out.mse.item()
+    assert out.mse.item() < first
+    sae.eval()
+    assert sae.encode(x).shape == (64, 32)
