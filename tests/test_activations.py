@@ -110,5 +110,5 @@ def test_cache_harvest_reuse_and_truncation(tiny_model, tiny_model_dir, corpus_d
 
 def test_unknown_hook_is_refused_before_any_work(tiny_model, tiny_model_dir, corpus_dir, tmp_path) -> None:
     cfg = data_cfg(tiny_model_dir, corpus_dir, hook_name="blocks.9.hook_resid_post")
-    with pytest.raises(ValueError, match="no hook point 'blocks.9.hook_resid_post'"):
+    with pytest.raises(ValueError, match=r"no hook point 'blocks.9.hook_resid_post'"):
         ActivationCache.harvest(tiny_model, cfg, tmp_path / "c")

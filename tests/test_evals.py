@@ -71,5 +71,5 @@ def test_half_strength_sae_recovers_between_zero_and_one(tiny_model) -> None:
 
 def test_hook_width_mismatch_is_a_clear_error(tiny_model) -> None:
     sae = SAE(SAEConfig(d_in=16, d_sae=32, k=2, hook_name="blocks.0.hook_resid_post"))
-    with pytest.raises(ValueError, match="d_in = 16 does not match hook 'blocks.0.hook_resid_post'.*width 32"):
+    with pytest.raises(ValueError, match=r"d_in = 16 does not match hook 'blocks.0.hook_resid_post'.*width 32"):
         spliced_metrics(sae, tiny_model, torch.tensor([[3, 4, 5]]))

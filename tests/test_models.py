@@ -18,7 +18,7 @@ def test_tiny_model_loads_and_hooks(tiny_model) -> None:
 
 
 def test_unknown_hook_point_is_a_clear_error(tiny_model) -> None:
-    with pytest.raises(ValueError, match="no hook point 'blocks.7.hook_resid_post'.*close matches"):
+    with pytest.raises(ValueError, match=r"no hook point 'blocks.7.hook_resid_post'.*close matches"):
         tiny_model.check_hook("blocks.7.hook_resid_post")
 
 

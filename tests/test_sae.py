@@ -87,7 +87,7 @@ def test_corrupt_and_truncated_checkpoints(tmp_path) -> None:
     (tmp_path / "cfg.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         SAE.load(tmp_path)
-    with pytest.raises(CheckpointError, match="cfg.json is missing"):
+    with pytest.raises(CheckpointError, match=r"cfg.json is missing"):
         SAE.load(tmp_path / "nowhere")
 
 
@@ -101,9 +101,9 @@ def test_config_files_and_overrides(tmp_path) -> None:
     path.write_text("[sae]\nsparsity = 3\n")
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['sae.sparsity'\]"):
         load_config(path)
-    with pytest.raises(ConfigError, match="unknown config key --sae.kk"):
+    with pytest.raises(ConfigError, match=r"unknown config key --sae.kk"):
         apply_overrides(TrainConfig(), {"sae.kk": "3"})
-    with pytest.raises(ConfigError, match="--sae.k expects int"):
+    with pytest.raises(ConfigError, match=r"--sae.k expects int"):
         apply_overrides(TrainConfig(), {"sae.k": "many"})
     with pytest.raises(ConfigError, match="unknown sparsifier"):
         apply_overrides(TrainConfig(), {"sae.sparsifier": "gated"})
