@@ -106,8 +106,9 @@ def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens
     """Token sequences [n, context_size] of the training or held-out part of the corpus.
 
     Documents are concatenated with EOS between them and cut into sequences; sequence i is held out
-    when i % holdout_every == 0. Training sequences are shuffled (seeded) so a partial harvest covers
-    the whole corpus. Stops tokenizing once enough sequences exist for `max_tokens` tokens.
+    when i % holdout_every == 0, so the split never depends on how much is read. Documents are read
+    in corpus order until enough sequences exist for `max_tokens` tokens; the training sequences
+    read are then shuffled (seeded) so batches mix documents.
     """
     if part not in ("train", "eval"):
         raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
@@ -215,7 +216,7 @@ class ModelActivations:
         yield from emit(buffer[torch.randperm(len(buffer), generator=gen)])
 
     def state_dict(self) -> dict[str, Any]:
-        """Batches yielded so far (resume replays the stream deterministically and skips them)."""
+        """Batches yielded so far (for the log; a live stream cannot be resumed)."""
         return {"batches": self._yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
