@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saelab-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-tl3 lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The other TransformerLens major (3.x, what SAELens 6 needs), on the tiny-model tests.
+TL3_VENV ?= .venv-tl3
+test-tl3:
+	test -x $(TL3_VENV)/bin/python || $(PYTHON) -m venv $(TL3_VENV)
+	$(TL3_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TL3_VENV)/bin/python -c "import torch" 2>/dev/null || $(TL3_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(TL3_VENV)/bin/python -m pip install -q -e ".[dev]" "transformer-lens>=3.9,<4"
+	$(TL3_VENV)/bin/python -m pytest -q tests/test_models.py tests/test_activations.py tests/test_evals.py tests/test_cli.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

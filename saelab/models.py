@@ -189,14 +189,24 @@ def _load_tl3(source: str, device: torch.device, local: bool) -> Any:
         return HookedTransformer.from_pretrained(source, device=device, default_prepend_bos=False)
     # HookedTransformer.from_pretrained only accepts its list of official names, so a local
     # directory goes through the same conversion functions by hand.
+    import tempfile
+
     from transformer_lens import HookedTransformerConfig
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = HookedTransformerConfig(**loading.convert_hf_model_config(source), device=str(device))
+    # TL 3.x picks an architecture from the path string when it contains "llama" or "gemma" and then
+    # never reads config.json, so such paths go through a neutrally named symlink.
+    if any(word in source.lower() for word in ("llama", "gemma")):
+        link = Path(tempfile.mkdtemp(prefix="saelab-model-")) / "model"
+        link.symlink_to(Path(source).resolve(), target_is_directory=True)
+        source = str(link)
+    cfg = HookedTransformerConfig(
+        **loading.convert_hf_model_config(source), device=str(device), default_prepend_bos=False
+    )
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     state = loading.get_pretrained_state_dict(source, cfg, hf_model=hf)
-    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(source), default_prepend_bos=False)
+    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(source))
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False)
     return model.to(device)
 

@@ -56,3 +56,19 @@ def test_train_and_eval_smollm2_on_shakespeare(tmp_path) -> None:
     assert result["l0"] == pytest.approx(32.0)
     assert result["ce_loss_clean"] < result["ce_loss_sae"] < result["ce_loss_zero_ablation"]
     assert 0.0 < result["fvu"] < 1.0
+
+
+def test_log_probs_match_transformers() -> None:
+    """Whichever TransformerLens major is installed, the model computes what transformers computes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from saelab.models import load_model, offline_default_dir
+
+    model = load_model("smollm2-135m", device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(offline_default_dir())
+    toks = torch.tensor([model.tokenize(["Now is the winter of our discontent made glorious summer."])[0]])
+    with torch.no_grad():
+        ours = model.run_with_hooks(toks).log_softmax(-1)
+        theirs = hf(toks).logits.log_softmax(-1)
+    assert (ours - theirs).abs().max().item() < 1e-3
