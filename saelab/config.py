@@ -56,6 +56,9 @@ class SAEConfig:
     zipf_exponent: float = 1.0
     """mutualchoice only: exponent s of the Zipf target density p(rank) ~ rank^-s."""
 
+    backend: str = "auto"
+    """Kernels for the top-k encoder and sparse decoder: auto (Triton on CUDA when installed), torch, triton."""
+
     threshold_momentum: float = 0.99
     """Batch-level variants: EMA momentum of the inference threshold learned in training."""
 
@@ -83,6 +86,8 @@ class SAEConfig:
             raise ConfigError(f"k must be >= 1, got {self.k}")
         if self.d_sae and self.k > self.d_sae and SPARSIFIERS[self.sparsifier].uses_k:
             raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"unknown backend {self.backend!r}; choose auto, torch or triton")
         if not 0.0 <= self.threshold_momentum < 1.0:
             raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
 

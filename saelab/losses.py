@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from saelab.ops import decode_sparse, topk_per_row
+from saelab.ops import decode_sparse
 
 
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -27,25 +29,16 @@ def l1_decoder_weighted(acts: Tensor, W_dec: Tensor) -> Tensor:
     return (acts.abs() * W_dec.norm(dim=1)).sum(-1).mean()
 
 
-def _residual_fit(resid: Tensor, scores: Tensor, k_aux: int, W_dec: Tensor) -> Tensor:
-    """Normalised error of predicting `resid` with each token's top-|score| k_aux latents."""
-    idx = topk_per_row(scores.abs(), k_aux)[1]
-    resid_hat = decode_sparse(scores.gather(1, idx), idx, W_dec)
-    return fvu(resid, resid_hat).nan_to_num(0.0)
+def residual_fit_loss(
+    resid: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, decode: Callable[..., Tensor] = decode_sparse
+) -> Tensor:
+    """How badly a sparse code (values, indices [N, k]) predicts the residual error resid [N, d_in].
 
-
-def auxk_loss(resid: Tensor, scores: Tensor, dead_mask: Tensor, k_aux: int, W_dec: Tensor) -> Tensor:
-    """AuxK (Gao et al. 2024): the top k_aux dead latents must reconstruct the residual error.
-
-    resid [N, d_in] is x - x_hat (detached); scores [N, d_sae] are the values latents would take
-    if selected; dead_mask [d_sae] marks latents that have not fired for a long time. Returns 0
-    when nothing is dead.
+    Normalised like FVU, so the loss is comparable across inputs. This is the loss of AuxK (Gao et al.
+    2024; the code is the top dead latents) and of aux_zipf (the code is the top under-used latents).
+    `decode` is the backend's sparse decoder.
     """
-    n_dead = int(dead_mask.sum())
-    if n_dead == 0:
-        return scores.new_zeros(())
-    masked = torch.where(dead_mask, scores, torch.zeros_like(scores))
-    return _residual_fit(resid, masked, min(k_aux, n_dead), W_dec)
+    return fvu(resid, decode(values, indices, W_dec)).nan_to_num(0.0)
 
 
 def zipf_targets(d_sae: int, k: int, exponent: float, device: torch.device | None = None) -> Tensor:
@@ -58,20 +51,14 @@ def zipf_targets(d_sae: int, k: int, exponent: float, device: torch.device | Non
     return (p * (k / p.sum())).clamp_max(1.0)
 
 
-def aux_zipf_loss(
-    resid: Tensor, scores: Tensor, firing_rate: Tensor, k: int, k_aux: int, exponent: float, W_dec: Tensor
-) -> Tensor:
-    """aux_zipf_loss (Ayonrinde 2024), as we read it: AuxK generalised from dead to under-used latents.
+def zipf_shortfall(firing_rate: Tensor, k: int, exponent: float) -> Tensor:
+    """aux_zipf_loss's latent weights (Ayonrinde 2024, as we read it): AuxK generalised to under-used latents.
 
-    Latents are ranked by their firing rate and compared with a Zipf-law target at their rank. A latent
-    firing below its target is under-used; its candidate value is scaled by its shortfall
-    (1 - rate / target, in [0, 1], so dead latents count fully) and the top k_aux such candidates
-    per token must reconstruct the residual error.
+    Latents are ranked by firing rate and compared with a Zipf-law target at their rank. A latent firing
+    below its target gets weight 1 - rate / target (dead latents: 1), the others 0. The top k_aux
+    latents by pre-activation x weight must then reconstruct the residual (`residual_fit_loss`).
     """
     order = firing_rate.argsort(descending=True)
     target = torch.empty_like(firing_rate)
     target[order] = zipf_targets(firing_rate.numel(), k, exponent, firing_rate.device)
-    shortfall = (1 - firing_rate / target).clamp(0.0, 1.0)
-    if not (shortfall > 0).any():
-        return scores.new_zeros(())
-    return _residual_fit(resid, scores * shortfall.to(scores.dtype), k_aux, W_dec)
+    return (1 - firing_rate / target).clamp(0.0, 1.0)

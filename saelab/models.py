@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,8 @@ def load_model(name: str = OFFLINE_DEFAULT, device: str = "auto") -> LanguageMod
     # Neither TL major nor transformers is needed until a model is loaded; quiet their progress bars.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    tl = _load_tl3(source, dev, local) if tl_major() < 4 else _load_tl4(source, dev)
+    # Loaders print progress to stdout (TL 3's "Moving model to device"); keep stdout for results.
+    with contextlib.redirect_stdout(sys.stderr):
+        tl = _load_tl3(source, dev, local) if tl_major() < 4 else _load_tl4(source, dev)
     tl.eval()
     return LanguageModel(tl, name)

@@ -7,9 +7,57 @@ gathers k decoder rows per token instead of multiplying by a mostly-zero dense m
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class Selection(NamedTuple):
+    """Top-k selection of a batch: the main code and any auxiliary selections (AuxK, aux_zipf)."""
+
+    values: Tensor
+    """[N, k] activations (ReLU'd unless signed)."""
+    indices: Tensor
+    """[N, k] latent ids."""
+    aux: list[tuple[Tensor, Tensor]]
+    """One (values [N, k_aux], indices [N, k_aux]) per auxiliary scale, values multiplied by the scale."""
+
+
+@functools.cache
+def _triton_usable(device_type: str) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'torch' or 'triton' for tensors on `device`. Decided on first use, never at import.
+
+    'auto' picks Triton on CUDA when it is installed, else torch; 'triton' insists (on CPU it needs
+    TRITON_INTERPRET=1, which is how the kernels are tested without a GPU).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    usable = _triton_usable(device.type)
+    if backend == "triton" and not usable:
+        raise RuntimeError("backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+    return "triton" if usable else "torch"
+
+
+def kernels() -> Any:
+    """The Triton implementations (imports Triton; call only after resolve_backend said 'triton')."""
+    from saelab.kernels import fused
+
+    return fused
 
 
 def decode_sparse(values_NK: Tensor, indices_NK: Tensor, W_dec: Tensor) -> Tensor:
@@ -25,6 +73,35 @@ def decode_sparse(values_NK: Tensor, indices_NK: Tensor, W_dec: Tensor) -> Tenso
     # embedding_bag is a fused gather + weighted sum with a scatter-add backward: no [N, K, d_in]
     # intermediate, unlike W_dec[indices] * values[..., None].
     return F.embedding_bag(indices_NK, W_dec, per_sample_weights=values_NK.to(W_dec.dtype), mode="sum")
+
+
+def encode_select(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, signed: bool,
+    aux_scales: tuple[Tensor, ...] = (), k_aux: int = 0,
+) -> Selection:  # fmt: skip
+    """Encoder GEMM plus per-token top-k selection (the TopK / AbsTopK encoder), and auxiliary selections.
+
+    pre = (x - b_dec) @ W_enc + b_enc. The main selection keeps each token's k largest pre (|pre| when
+    `signed`), ReLU'd unless signed. Each tensor in `aux_scales` [d_sae] defines one more selection of
+    k_aux latents by pre * scale, over latents with scale != 0 (AuxK: scale = dead mask), returning
+    pre * scale. The Triton version computes the same without keeping pre for the backward.
+    """
+    pre = torch.addmm(b_enc, x - b_dec, W_enc)
+    idx = topk_per_row(pre.abs() if signed else pre, k)[1]
+    vals = pre.gather(1, idx)
+    return Selection(vals if signed else vals.relu(), idx, [select_scaled(pre, s, k_aux, signed) for s in aux_scales])
+
+
+def select_scaled(pre: Tensor, scale: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """Each token's k latents with the largest pre * scale (|pre| * scale if signed), among scale != 0.
+
+    Returns (pre * scale, ReLU'd unless signed; indices), both [N, k]. Scales of 0/1 pick among a
+    subset (AuxK's dead latents); fractional scales also weight the values (aux_zipf's shortfall).
+    """
+    score = (pre.abs() if signed else pre) * scale
+    idx = topk_per_row(torch.where(scale != 0, score, torch.full_like(score, float("-inf"))), k)[1]
+    vals = pre.gather(1, idx) * scale[idx]
+    return (vals if signed else vals.relu()), idx
 
 
 def topk_per_row(acts_NF: Tensor, k: int) -> tuple[Tensor, Tensor]:

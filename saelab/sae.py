@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from saelab import losses
+from saelab import losses, ops
 from saelab.config import ConfigError, SAEConfig, from_dict, to_dict
-from saelab.ops import decode_sparse
 from saelab.sparsifiers import Code, make_sparsifier
 
 CFG_FILE = "cfg.json"
@@ -101,8 +100,23 @@ class SAE(nn.Module):
         """Encoder pre-activations [N, d_sae] of inputs [..., d_in] (flattened)."""
         return (self._flat(x) - self.b_dec) @ self.W_enc + self.b_enc
 
+    def _impl(self, device: torch.device) -> Any:
+        """Module with `encode_select` / `decode_sparse`: saelab.ops (torch) or the Triton kernels."""
+        return ops.kernels() if ops.resolve_backend(self.cfg.backend, device) == "triton" else ops
+
+    def _select(self, xs: Tensor, aux_scales: tuple[Tensor, ...] = ()) -> ops.Selection:
+        """Fused encoder + top-k of a per-token sparsifier on normalised inputs."""
+        sp = self.sparsifier
+        k_aux = self.cfg.auxk_k or self.d_in // 2
+        return self._impl(xs.device).encode_select(
+            xs, self.W_enc, self.b_enc, self.b_dec, sp.k, sp.signed, aux_scales, min(k_aux, self.d_sae)
+        )
+
     def encode_code(self, x: Tensor) -> Code:
         """Sparse code of inputs [..., d_in] as a `Code` (the sparsifier's native form)."""
+        if self.sparsifier.per_token:
+            sel = self._select(self._flat(x))
+            return Code(sel.values, sel.indices)
         return self.sparsifier(self.pre_acts(x))
 
     def encode(self, x: Tensor) -> Tensor:
@@ -121,7 +135,7 @@ class SAE(nn.Module):
     def _decode_normalised(self, code: Code) -> Tensor:
         if code.indices is None:
             return code.values @ self.W_dec + self.b_dec
-        return decode_sparse(code.values, code.indices, self.W_dec) + self.b_dec
+        return self._impl(code.values.device).decode_sparse(code.values, code.indices, self.W_dec) + self.b_dec
 
     def decode(self, acts: Tensor | SparseCode) -> Tensor:
         """Reconstruction in the model's units from dense acts [..., d_sae] or a `SparseCode`."""
@@ -139,29 +153,36 @@ class SAE(nn.Module):
         L1 coefficient (the trainer ramps it up). A plain loop `sae(x).loss.backward()` trains the SAE.
         """
         xs = self._flat(x)
-        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
-        code = self.sparsifier(pre)
+        sp, cfg = self.sparsifier, self.cfg
+        # Auxiliary selections are defined by per-latent scales: AuxK's dead mask, aux_zipf's shortfall.
+        aux_scales: dict[str, Tensor] = {}
+        if self.training and sp.uses_auxk and dead_mask is not None and bool(dead_mask.any()):
+            aux_scales["auxk"] = dead_mask.to(xs.dtype)
+        if self.training and sp.uses_zipf:
+            shortfall = losses.zipf_shortfall(sp.firing_rate, cfg.k, cfg.zipf_exponent)
+            if bool((shortfall > 0).any()):
+                aux_scales["zipf"] = shortfall
+        k_aux = min(cfg.auxk_k or cfg.d_in // 2, cfg.d_sae)
+        if sp.per_token:
+            sel = self._select(xs, tuple(aux_scales.values()))
+            code, aux_codes = Code(sel.values, sel.indices), sel.aux
+        else:
+            pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+            code = sp(pre)
+            aux_codes = [ops.select_scaled(pre, s, k_aux, sp.signed) for s in aux_scales.values()]
         recon = self._decode_normalised(code)
         mse = losses.mse(xs, recon)
         loss = mse
         aux: dict[str, Tensor] = {}
-        sp, cfg = self.sparsifier, self.cfg
         if not sp.unit_norm_decoder:
             aux["l1"] = losses.l1_decoder_weighted(code.values, self.W_dec)
             loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
-        k_aux = cfg.auxk_k or cfg.d_in // 2
-        use_auxk = sp.uses_auxk and dead_mask is not None
-        if self.training and (use_auxk or sp.uses_zipf):
+        if aux_scales:
             resid = (xs - recon).detach()
-            scores = sp.aux_scores(pre)
-            if use_auxk:
-                aux["auxk"] = losses.auxk_loss(resid, scores, dead_mask, k_aux, self.W_dec)
-                loss = loss + cfg.auxk_coeff * aux["auxk"]
-            if sp.uses_zipf:
-                aux["zipf"] = losses.aux_zipf_loss(
-                    resid, scores, sp.firing_rate, cfg.k, k_aux, cfg.zipf_exponent, self.W_dec
-                )
-                loss = loss + cfg.zipf_coeff * aux["zipf"]
+            decode = self._impl(xs.device).decode_sparse
+            for name, (vals, idx) in zip(aux_scales, aux_codes, strict=True):
+                aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, decode)
+                loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
         return SAEOutput(
             recon=(recon / self.act_scale).reshape(x.shape),
             code=code,

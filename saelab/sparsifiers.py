@@ -75,6 +75,8 @@ class Sparsifier(nn.Module):
     """Codes may be negative (abstopk)."""
     uses_auxk: ClassVar[bool] = True
     """Train dead latents with the AuxK loss."""
+    per_token: ClassVar[bool] = False
+    """Top-k of each token alone, in training and inference: eligible for the fused encoder kernels."""
     uses_k: ClassVar[bool] = True
     """Sparsity is set by k (everything but relu, whose sparsity comes from the L1 penalty)."""
     uses_zipf: ClassVar[bool] = False
@@ -87,10 +89,6 @@ class Sparsifier(nn.Module):
 
     def forward(self, pre: Tensor) -> Code:
         raise NotImplementedError
-
-    def aux_scores(self, pre: Tensor) -> Tensor:
-        """Scores by which AuxK picks dead latents: the value a latent would take if selected."""
-        return pre if self.signed else pre.relu()
 
 
 SPARSIFIERS: dict[str, type[Sparsifier]] = {}
@@ -125,6 +123,7 @@ class TopK(Sparsifier):
     """Keep each token's k largest pre-activations, then ReLU (Gao et al. 2024)."""
 
     name = "topk"
+    per_token = True
 
     def forward(self, pre: Tensor) -> Code:
         vals, idx = topk_per_row(pre, self.k)
@@ -139,6 +138,7 @@ class AbsTopK(Sparsifier):
     """
 
     name = "abstopk"
+    per_token = True
     signed = True
 
     def forward(self, pre: Tensor) -> Code:

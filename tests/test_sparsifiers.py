@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig
-from saelab.losses import aux_zipf_loss, auxk_loss, l1_decoder_weighted, zipf_targets
+from saelab.losses import l1_decoder_weighted, residual_fit_loss, zipf_shortfall, zipf_targets
+from saelab.ops import select_scaled
 from saelab.sparsifiers import SPARSIFIERS, make_sparsifier
 
 
@@ -87,29 +88,34 @@ def test_relu_l1_is_weighted_by_decoder_norms() -> None:
     assert l1_decoder_weighted(acts, W_dec).item() == pytest.approx(6.0)
 
 
-def test_auxk_uses_only_dead_latents() -> None:
+def test_auxk_selection_uses_only_dead_latents() -> None:
     W_dec = torch.eye(3)
     resid = torch.tensor([[0.0, 2.0, 0.0], [0.0, -1.0, 0.0]])
-    scores = torch.tensor([[9.0, 2.0, 0.0], [9.0, -1.0, 0.0]])
-    dead = torch.tensor([False, True, False])
-    # Latent 0 scores highest but is alive; the only dead latent (1) reproduces the residual exactly.
-    assert auxk_loss(resid, scores, dead, k_aux=1, W_dec=W_dec).item() == pytest.approx(0.0)
-    assert auxk_loss(resid, scores, torch.zeros(3, dtype=torch.bool), 1, W_dec).item() == 0.0
+    pre = torch.tensor([[9.0, 2.0, 0.0], [9.0, -1.0, 0.0]])
+    dead = torch.tensor([0.0, 1.0, 0.0])
+    # Latent 0 scores highest but is alive; the only dead latent (1) is chosen, ReLU'd: 2 and 0.
+    vals, idx = select_scaled(pre, dead, 1, signed=False)
+    assert idx.squeeze(1).tolist() == [1, 1] and vals.squeeze(1).tolist() == [2.0, 0.0]
+    # Signed (abstopk): the -1 survives, so latent 1 reproduces the residual exactly.
+    vals, idx = select_scaled(pre, dead, 1, signed=True)
+    assert residual_fit_loss(resid, vals, idx, W_dec).item() == pytest.approx(0.0)
     # With latent 0 dead instead, it predicts [9, 0, 0]: a large error.
-    assert auxk_loss(resid, scores, torch.tensor([True, False, False]), 1, W_dec).item() > 10
+    vals, idx = select_scaled(pre, torch.tensor([1.0, 0.0, 0.0]), 1, signed=False)
+    assert residual_fit_loss(resid, vals, idx, W_dec).item() > 10
 
 
-def test_zipf_targets_and_zipf_loss_revive_underused() -> None:
+def test_zipf_targets_and_shortfall() -> None:
     t = zipf_targets(4, k=1, exponent=1.0)
     # p(r) ~ 1/r normalised to sum to k = 1: 1/H_4 * [1, 1/2, 1/3, 1/4], H_4 = 25/12.
     torch.testing.assert_close(t, torch.tensor([12 / 25, 6 / 25, 4 / 25, 3 / 25]))
-    W_dec = torch.eye(4)
-    resid = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -1.0]])
-    scores = torch.tensor([[5.0, 0.0, 0.0, 1.0], [5.0, 0.0, 0.0, -1.0]])
-    # Every latent at or above its target: no loss. Latent 3 never firing: it must explain the residual.
-    assert aux_zipf_loss(resid, scores, t.clone(), 1, 1, 1.0, W_dec).item() == 0.0
+    # Every latent at its target: nothing is under-used.
+    assert zipf_shortfall(t.clone(), 1, 1.0).abs().max().item() == pytest.approx(0.0, abs=1e-6)
+    # Rates ranked 0.5 > 0.3 > 0.2 > 0: the first three exceed their targets, the dead one falls short fully;
+    # a latent at half its target gets weight 0.5.
     rate = torch.tensor([0.5, 0.3, 0.2, 0.0])
-    assert aux_zipf_loss(resid, scores, rate, 1, 1, 1.0, W_dec).item() == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(zipf_shortfall(rate, 1, 1.0), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    rate = torch.tensor([0.5, 0.3, 0.08, 0.0])
+    assert zipf_shortfall(rate, 1, 1.0)[2].item() == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("name", sorted(SPARSIFIERS))
