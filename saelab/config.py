@@ -59,6 +59,10 @@ class SAEConfig:
     backend: str = "auto"
     """Kernels for the top-k encoder and sparse decoder: auto (Triton on CUDA when installed), torch, triton."""
 
+    candidate_factor: int = 4
+    """batchtopk / mutualchoice on the triton backend: per-token candidates kept, as a multiple of k.
+    Exactness is checked; a batch where a token may have more winners falls back to the dense path."""
+
     threshold_momentum: float = 0.99
     """Batch-level variants: EMA momentum of the inference threshold learned in training."""
 
@@ -82,6 +86,8 @@ class SAEConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.expansion_factor < 1:
             raise ConfigError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
+        if self.candidate_factor < 1:
+            raise ConfigError(f"candidate_factor must be >= 1, got {self.candidate_factor}")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
         if self.d_sae and self.k > self.d_sae and SPARSIFIERS[self.sparsifier].uses_k:

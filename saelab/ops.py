@@ -121,6 +121,23 @@ def global_topk_mask(acts_NF: Tensor, budget: int) -> Tensor:
     return torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts_NF)
 
 
+def global_topk_candidates(cand_values_NC: Tensor, budget: int) -> Tensor | None:
+    """Mask [N, C] of the global top-`budget` among per-row candidates, or None if that may be inexact.
+
+    cand_values_NC holds each row's C largest (ReLU'd) activations. The result equals the global
+    top-budget of the full matrix unless some row had more than C winners; that can only happen
+    when all of a row's C candidates clear the selection threshold, which is checked, so a None
+    tells the caller to use the dense path (`global_topk_mask`) for this batch.
+    """
+    flat = cand_values_NC.reshape(-1)
+    top = flat.topk(min(budget, flat.numel()), sorted=False)
+    theta = top.values.min()
+    smallest = cand_values_NC.min(dim=1).values
+    if bool(((smallest >= theta) & (smallest > 0)).any()):
+        return None
+    return torch.zeros_like(flat, dtype=torch.bool).scatter(0, top.indices, True).view_as(cand_values_NC)
+
+
 def column_topk_mask(acts_NF: Tensor, m: int) -> Tensor:
     """Dense copy of `acts_NF` keeping each column's (latent's) `m` largest entries (Feature Choice)."""
     m = min(m, acts_NF.shape[0])

@@ -104,12 +104,12 @@ class SAE(nn.Module):
         """Module with `encode_select` / `decode_sparse`: saelab.ops (torch) or the Triton kernels."""
         return ops.kernels() if ops.resolve_backend(self.cfg.backend, device) == "triton" else ops
 
-    def _select(self, xs: Tensor, aux_scales: tuple[Tensor, ...] = ()) -> ops.Selection:
-        """Fused encoder + top-k of a per-token sparsifier on normalised inputs."""
+    def _select(self, xs: Tensor, aux_scales: tuple[Tensor, ...] = (), k: int | None = None) -> ops.Selection:
+        """Fused encoder + per-token top-k (k defaults to the sparsifier's) on normalised inputs."""
         sp = self.sparsifier
         k_aux = self.cfg.auxk_k or self.d_in // 2
         return self._impl(xs.device).encode_select(
-            xs, self.W_enc, self.b_enc, self.b_dec, sp.k, sp.signed, aux_scales, min(k_aux, self.d_sae)
+            xs, self.W_enc, self.b_enc, self.b_dec, k or sp.k, sp.signed, aux_scales, min(k_aux, self.d_sae)
         )
 
     def encode_code(self, x: Tensor) -> Code:
@@ -163,10 +163,15 @@ class SAE(nn.Module):
             if bool((shortfall > 0).any()):
                 aux_scales["zipf"] = shortfall
         k_aux = min(cfg.auxk_k or cfg.d_in // 2, cfg.d_sae)
+        code = None
         if sp.per_token:
             sel = self._select(xs, tuple(aux_scales.values()))
             code, aux_codes = Code(sel.values, sel.indices), sel.aux
-        else:
+        elif self.training and sp.global_budget and ops.resolve_backend(cfg.backend, xs.device) == "triton":
+            n_cand = min(cfg.candidate_factor * cfg.k, cfg.d_sae)
+            sel = self._select(xs, tuple(aux_scales.values()), k=n_cand)
+            code, aux_codes = sp.select_candidates(sel.values, sel.indices), sel.aux
+        if code is None:
             pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
             code = sp(pre)
             aux_codes = [ops.select_scaled(pre, s, k_aux, sp.signed) for s in aux_scales.values()]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from saelab.ops import column_topk_mask, global_topk_mask, topk_per_row
+from saelab.ops import column_topk_mask, global_topk_candidates, global_topk_mask, topk_per_row
 
 if TYPE_CHECKING:
     from saelab.config import SAEConfig
@@ -77,6 +77,9 @@ class Sparsifier(nn.Module):
     """Train dead latents with the AuxK loss."""
     per_token: ClassVar[bool] = False
     """Top-k of each token alone, in training and inference: eligible for the fused encoder kernels."""
+    global_budget: ClassVar[bool] = False
+    """Training selects the global top k*N (batchtopk, mutualchoice): the fused kernels can supply
+    per-token candidates and `select_candidates` finishes the selection."""
     uses_k: ClassVar[bool] = True
     """Sparsity is set by k (everything but relu, whose sparsity comes from the L1 penalty)."""
     uses_zipf: ClassVar[bool] = False
@@ -86,9 +89,24 @@ class Sparsifier(nn.Module):
         super().__init__()
         self.k = cfg.k
         self.d_sae = cfg.d_sae
+        self.candidate_overflows = 0
+        """Batches whose candidate selection could not be proven exact and were redone densely."""
 
     def forward(self, pre: Tensor) -> Code:
         raise NotImplementedError
+
+    def select_candidates(self, values: Tensor, indices: Tensor) -> Code | None:
+        """Training selection from per-token candidates [N, C] (global_budget variants); None = redo densely."""
+        mask = global_topk_candidates(values, self.k * values.shape[0])
+        if mask is None:
+            self.candidate_overflows += 1
+            return None
+        code = Code(values * mask, indices)
+        self.observe(code)
+        return code
+
+    def observe(self, code: Code) -> None:
+        """Update training statistics from the selected code (thresholds, firing rates)."""
 
 
 SPARSIFIERS: dict[str, type[Sparsifier]] = {}
@@ -167,13 +185,14 @@ class _Thresholded(Sparsifier):
         acts = pre.relu()
         if not self.training:
             return Code(acts * (acts >= self.threshold), None)
-        kept = self.select(acts)
-        self._update_threshold(kept.detach())
-        return Code(kept, None)
+        code = Code(self.select(acts), None)
+        self.observe(code)
+        return code
 
     @torch.no_grad()
-    def _update_threshold(self, kept: Tensor) -> None:
-        positive = kept[kept > 0]
+    def observe(self, code: Code) -> None:
+        """EMA of the smallest positive selected activation."""
+        positive = code.values[code.values > 0]
         if positive.numel() == 0:
             return
         low = positive.min().float()
@@ -189,6 +208,7 @@ class BatchTopK(_Thresholded):
     """Global top k*N over the batch in training; learned threshold at inference (Bussmann et al. 2024)."""
 
     name = "batchtopk"
+    global_budget = True
 
     def select(self, acts: Tensor) -> Tensor:
         return global_topk_mask(acts, self.k * acts.shape[0])
@@ -216,6 +236,7 @@ class MutualChoice(Sparsifier):
     """
 
     name = "mutualchoice"
+    global_budget = True
     uses_zipf = True
 
     def __init__(self, cfg: SAEConfig):
@@ -224,9 +245,15 @@ class MutualChoice(Sparsifier):
         self.register_buffer("firing_rate", torch.zeros(cfg.d_sae))
 
     def forward(self, pre: Tensor) -> Code:
-        kept = global_topk_mask(pre.relu(), self.k * pre.shape[0])
+        code = Code(global_topk_mask(pre.relu(), self.k * pre.shape[0]), None)
         if self.training:
-            with torch.no_grad():
-                rate = (kept > 0).float().mean(0)
-                self.firing_rate.mul_(self.momentum).add_((1 - self.momentum) * rate)
-        return Code(kept, None)
+            self.observe(code)
+        return code
+
+    @torch.no_grad()
+    def observe(self, code: Code) -> None:
+        """EMA of each latent's firing rate."""
+        n = code.values.shape[0]
+        fired = code.values > 0
+        counts = fired.sum(0) if code.indices is None else torch.bincount(code.indices[fired], minlength=self.d_sae)
+        self.firing_rate.mul_(self.momentum).add_((1 - self.momentum) * counts.float() / n)

@@ -98,7 +98,7 @@ def test_backend_resolution() -> None:
         ops.resolve_backend("cuda", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", ["topk", "abstopk"])
+@pytest.mark.parametrize("name", ["topk", "abstopk", "batchtopk", "mutualchoice"])
 def test_sae_training_step_same_on_both_backends(name: str) -> None:
     from saelab import SAE, SAEConfig
 
@@ -111,9 +111,12 @@ def test_sae_training_step_same_on_both_backends(name: str) -> None:
         sae = SAE(SAEConfig(d_in=D, d_sae=F, sparsifier=name, k=7, auxk_k=11, backend=backend)).to(DEVICE)
         out = sae(x, dead_mask=dead)
         out.loss.backward()
-        assert set(out.aux) == {"auxk"}
-        results.append((out.loss.detach(), {n: p.grad for n, p in sae.named_parameters()}))
+        assert set(out.aux) == ({"auxk", "zipf"} if name == "mutualchoice" else {"auxk"})
+        assert sae.sparsifier.candidate_overflows == 0  # the candidate path ran, not the dense fallback
+        grads = {n: p.grad for n, p in sae.named_parameters()}
+        results.append((out.loss.detach(), grads | {n: b for n, b in sae.named_buffers()}))
     (loss_t, grads_t), (loss_k, grads_k) = results
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-5)
+    # Buffers (batchtopk's threshold, mutualchoice's firing rates) are compared too.
     for n in grads_t:
         torch.testing.assert_close(grads_k[n], grads_t[n], rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")

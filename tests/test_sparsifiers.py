@@ -7,7 +7,7 @@ import torch
 
 from saelab import SAE, SAEConfig
 from saelab.losses import l1_decoder_weighted, residual_fit_loss, zipf_shortfall, zipf_targets
-from saelab.ops import select_scaled
+from saelab.ops import global_topk_candidates, select_scaled
 from saelab.sparsifiers import SPARSIFIERS, make_sparsifier
 
 
@@ -67,6 +67,18 @@ def test_mutualchoice_shares_batchtopk_training_selection_and_allocates_at_infer
     # ... which for a single token is exactly TopK.
     one = pre[:1]
     torch.testing.assert_close(mc(one).dense(10), sparsifier("topk", k=3, d_sae=10)(one).dense(10))
+
+
+def test_global_selection_from_candidates_is_exact_or_refuses() -> None:
+    # Two candidates per token. Budget 3 over [[5, 2], [4, 1], [3, 0.5]]: 5, 4, 3 win, theta = 3; every
+    # token's weaker candidate is below theta, so no unseen entry could have won: exact.
+    vals = torch.tensor([[5.0, 2.0], [4.0, 1.0], [3.0, 0.5]])
+    mask = global_topk_candidates(vals, 3)
+    assert mask is not None and mask.tolist() == [[True, False], [True, False], [True, False]]
+    # Budget 4 over [[5, 4], [3, 1], ...]: theta = 1 and both of token 0's candidates clear it, so its
+    # unseen third-best might too: refuse (the caller redoes the batch densely).
+    vals = torch.tensor([[5.0, 4.0], [3.0, 1.0], [0.2, 0.1]])
+    assert global_topk_candidates(vals, 4) is None
 
 
 def test_featurechoice_each_latent_picks_its_top_tokens() -> None:
