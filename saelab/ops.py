@@ -31,26 +31,27 @@ class Selection(NamedTuple):
 
 
 @functools.cache
-def _triton_usable(device_type: str) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'torch' or 'triton' for tensors on `device`. Decided on first use, never at import.
 
-    'auto' picks Triton on CUDA when it is installed, else torch; 'triton' insists (on CPU it needs
-    TRITON_INTERPRET=1, which is how the kernels are tested without a GPU).
+    'auto' picks Triton for CUDA tensors when it is installed, else torch. 'triton' insists: on CPU it
+    needs TRITON_INTERPRET=1 (Triton's interpreter, how the kernels are tested without a GPU; far too
+    slow for real work, which is why 'auto' never chooses it).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "torch":
         return "torch"
-    usable = _triton_usable(device.type)
-    if backend == "triton" and not usable:
+    on_gpu = device.type == "cuda" and _triton_installed()
+    if backend == "auto":
+        return "triton" if on_gpu else "torch"
+    if not (on_gpu or (_triton_installed() and os.environ.get("TRITON_INTERPRET") == "1")):
         raise RuntimeError("backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
-    return "triton" if usable else "torch"
+    return "triton"
 
 
 def kernels() -> Any:

@@ -94,6 +94,8 @@ def test_csr_rows_written_once_and_deterministic() -> None:
 def test_backend_resolution() -> None:
     assert ops.resolve_backend("torch", torch.device("cpu")) == "torch"
     assert ops.resolve_backend("triton", torch.device(DEVICE)) == "triton"
+    # 'auto' never runs the interpreter: on CPU it is torch even with TRITON_INTERPRET=1 set.
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         ops.resolve_backend("cuda", torch.device("cpu"))
 
