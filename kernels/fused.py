@@ -1,11 +1,10 @@
 """Autograd functions over the Triton kernels, with the same signatures as `saelab.ops`.
 
-`encode_select`: pre = (x - b_dec) @ W_enc + b_enc by one cuBLAS GEMM with the bias in its epilogue,
-then one selection pass writing only the chosen [N, k] indices (plus any auxiliary selections such
-as AuxK's dead latents, from the same pre-activations). `pre` lives only inside the forward: the
-backward needs the selected entries alone. Gradients of W_enc and b_enc accumulate per latent
-through a CSR index (each gradient row written once, deterministic, zero entries skipped); the
-input gradient is a sparse decode through W_enc^T. No [N, k, d_in] tensor is ever formed.
+`encode_select`: the autograd function of `saelab.ops.encode_select` (one cuBLAS GEMM with the bias in
+its epilogue, then selections; pre lives only inside the forward) with Triton primitives: one
+selection pass writing only the chosen [N, k] indices, and gradients of W_enc and b_enc accumulated
+per latent through a CSR index (each gradient row written once, deterministic, zero entries
+skipped). No [N, k, d_in] tensor is ever formed.
 
 `decode_sparse`: gather-weighted sum of k decoder rows per token; its backward is a gather-dot for
 the values and the same CSR accumulation for W_dec.
@@ -17,48 +16,24 @@ import torch
 from saelab.kernels.triton_ops import CSR, decode, gather_dot, topk_indices
 from torch import Tensor
 
+from saelab import ops
 from saelab.ops import Selection
 
 
-class _EncodeSelect(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, signed, k_aux, *aux_scales):
-        xc = x - b_dec
-        pre = torch.addmm(b_enc.to(xc.dtype), xc, W_enc.to(xc.dtype))
-        outs, idxs, gains = [], [], []
-        for scale in (None, *aux_scales):
-            idx = topk_indices(pre, k if scale is None else k_aux, signed, scale)
-            raw = pre.gather(1, idx).float()
-            gain = torch.ones_like(raw) if scale is None else scale[idx].float()
-            if not signed:
-                gain = gain * (raw > 0)  # the ReLU after selection
-            outs += [raw * gain, idx]
-            idxs.append(idx)
-            gains.append(gain)
-        ctx.save_for_backward(xc, W_enc, *idxs, *gains)
-        ctx.n_sel = len(idxs)
-        return tuple(outs)
+class TritonPrims:
+    """`saelab.ops.TorchPrims`'s three primitives, as Triton kernels."""
+
+    select = staticmethod(topk_indices)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, *grads):
-        xc, W_enc, *rest = ctx.saved_tensors
-        idxs, gains = rest[: ctx.n_sel], rest[ctx.n_sel :]
-        coef = torch.cat([g.float() * gain for g, gain in zip(grads[0::2], gains, strict=True)], dim=1)
-        idx = torch.cat(idxs, dim=1)
-        grad_W = grad_b = grad_x = grad_bdec = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            csr = CSR(idx, coef, W_enc.shape[1])
-            grad_W = torch.empty_like(W_enc)
-            grad_b = torch.empty(W_enc.shape[1], dtype=torch.float32, device=W_enc.device)
-            csr.accumulate(xc, grad_W.T, grad_b)  # W_enc is [d_in, d_sae]: write its transpose's rows
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            grad_xc = decode(coef, idx, W_enc.T, out_dtype=torch.float32)
-            grad_x = grad_xc.to(xc.dtype) if ctx.needs_input_grad[0] else None
-            grad_bdec = -grad_xc.sum(0) if ctx.needs_input_grad[3] else None
-        n_aux = ctx.n_sel - 1
-        return (grad_x, grad_W, grad_b, grad_bdec, None, None, None, *([None] * n_aux))
+    def accumulate(indices: Tensor, coefs: Tensor, X: Tensor, out: Tensor, sums: Tensor) -> None:
+        """Per-latent sums through a CSR index: each row of `out` written once, deterministically."""
+        CSR(indices, coefs, out.shape[0]).accumulate(X, out, sums)
+
+    @staticmethod
+    def decode(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+        """sum_j values[n, j] * W[indices[n, j]] for any strided W, in fp32."""
+        return decode(values, indices, W, out_dtype=torch.float32)
 
 
 def encode_select(
@@ -66,9 +41,7 @@ def encode_select(
     aux_scales: tuple[Tensor, ...] = (), k_aux: int = 0,
 ) -> Selection:  # fmt: skip
     """Triton implementation of `saelab.ops.encode_select` (same arguments, same results)."""
-    outs = _EncodeSelect.apply(x, W_enc, b_enc, b_dec, k, signed, k_aux, *aux_scales)
-    pairs = list(zip(outs[0::2], outs[1::2], strict=True))
-    return Selection(pairs[0][0], pairs[0][1], pairs[1:])
+    return ops.encode_select(x, W_enc, b_enc, b_dec, k, signed, aux_scales, k_aux, prims=TritonPrims)
 
 
 class _DecodeSparse(torch.autograd.Function):

@@ -76,21 +76,99 @@ def decode_sparse(values_NK: Tensor, indices_NK: Tensor, W_dec: Tensor) -> Tenso
     return F.embedding_bag(indices_NK, W_dec, per_sample_weights=values_NK.to(W_dec.dtype), mode="sum")
 
 
+class TorchPrims:
+    """The three primitives `encode_select`'s autograd function is built from, in plain torch."""
+
+    @staticmethod
+    def select(pre: Tensor, k: int, signed: bool, scale: Tensor | None) -> Tensor:
+        """Indices [N, k] of each row's k largest (|pre| if signed) x scale, among scale != 0."""
+        score = pre.abs() if signed else pre
+        if scale is not None:
+            score = torch.where(scale != 0, score * scale, torch.full_like(score, float("-inf")))
+        return topk_per_row(score, k)[1]
+
+    @staticmethod
+    def accumulate(indices: Tensor, coefs: Tensor, X: Tensor, out: Tensor, sums: Tensor) -> None:
+        """out[f] = sum of coefs[n, j] * X[n] over entries with indices[n, j] == f; sums[f] = sum of coefs.
+
+        A sparse [d_sae, N] x [N, d] product: no [N, k, d] temporary, and ~k/d_sae of a dense GEMM's work.
+        """
+        N, K = indices.shape
+        rows = torch.arange(N, device=indices.device).repeat_interleave(K)
+        G = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), coefs.reshape(-1).float(),
+                                    (out.shape[0], N), check_invariants=False)  # fmt: skip
+        out.copy_(torch.sparse.mm(G, X.float()))
+        sums.copy_(torch.zeros_like(sums).index_add_(0, indices.reshape(-1), coefs.reshape(-1).float()))
+
+    @staticmethod
+    def decode(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+        """sum_j values[n, j] * W[indices[n, j]] for any strided W [F, D], in fp32."""
+        return decode_sparse(values.float(), indices, W.float().contiguous())
+
+
+class _EncodeSelect(torch.autograd.Function):
+    """Encoder GEMM + selections; backward through the selected entries only.
+
+    `prims` supplies select / accumulate / decode (TorchPrims, or the Triton kernels' version), so
+    both backends share this one derivation. pre lives only inside forward.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, prims, x, W_enc, b_enc, b_dec, k, signed, k_aux, *aux_scales):
+        xc = x - b_dec
+        pre = torch.addmm(b_enc.to(xc.dtype), xc, W_enc.to(xc.dtype))
+        outs, idxs, gains = [], [], []
+        for scale in (None, *aux_scales):
+            idx = prims.select(pre, k if scale is None else k_aux, signed, scale)
+            raw = pre.gather(1, idx).float()
+            gain = torch.ones_like(raw) if scale is None else scale[idx].float()
+            if not signed:
+                gain = gain * (raw > 0)  # the ReLU after selection
+            outs += [raw * gain, idx]
+            idxs.append(idx)
+            gains.append(gain)
+        ctx.prims, ctx.n_sel = prims, len(idxs)
+        ctx.save_for_backward(xc, W_enc, *idxs, *gains)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, *grads):
+        xc, W_enc, *rest = ctx.saved_tensors
+        idxs, gains = rest[: ctx.n_sel], rest[ctx.n_sel :]
+        coef = torch.cat([g.float() * gain for g, gain in zip(grads[0::2], gains, strict=True)], dim=1)
+        idx = torch.cat(idxs, dim=1)
+        need_x, need_W, need_b, need_bdec = ctx.needs_input_grad[1:5]
+        grad_x = grad_W = grad_b = grad_bdec = None
+        sums = torch.empty(W_enc.shape[1], dtype=torch.float32, device=W_enc.device)
+        if need_W or need_b or need_bdec:
+            grad_W = torch.empty_like(W_enc)
+            ctx.prims.accumulate(idx, coef, xc, grad_W.T, sums)  # rows of W_enc^T = columns of W_enc
+            grad_b = sums.to(W_enc.dtype) if need_b else None
+            # d/d b_dec of sum_n sum_j coef * (x_n - b_dec) . W_enc[:, f] is -W_enc @ (per-latent coef sums).
+            grad_bdec = -(W_enc.float() @ sums) if need_bdec else None
+            grad_W = grad_W if need_W else None
+        if need_x:
+            grad_x = ctx.prims.decode(coef, idx, W_enc.T).to(xc.dtype)
+        return (None, grad_x, grad_W, grad_b, grad_bdec, None, None, None, *([None] * (ctx.n_sel - 1)))
+
+
 def encode_select(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, signed: bool,
-    aux_scales: tuple[Tensor, ...] = (), k_aux: int = 0,
+    aux_scales: tuple[Tensor, ...] = (), k_aux: int = 0, prims: Any = TorchPrims,
 ) -> Selection:  # fmt: skip
     """Encoder GEMM plus per-token top-k selection (the TopK / AbsTopK encoder), and auxiliary selections.
 
     pre = (x - b_dec) @ W_enc + b_enc. The main selection keeps each token's k largest pre (|pre| when
     `signed`), ReLU'd unless signed. Each tensor in `aux_scales` [d_sae] defines one more selection of
-    k_aux latents by pre * scale, over latents with scale != 0 (AuxK: scale = dead mask), returning
-    pre * scale. The Triton version computes the same without keeping pre for the backward.
+    k_aux latents by pre * scale among latents with scale != 0 (AuxK: scale = dead mask), returning
+    pre * scale. The backward touches only selected entries: weight gradients accumulate per latent
+    (`prims.accumulate`), never through a dense [N, d_sae] gradient.
     """
-    pre = torch.addmm(b_enc, x - b_dec, W_enc)
-    idx = topk_per_row(pre.abs() if signed else pre, k)[1]
-    vals = pre.gather(1, idx)
-    return Selection(vals if signed else vals.relu(), idx, [select_scaled(pre, s, k_aux, signed) for s in aux_scales])
+    outs = _EncodeSelect.apply(prims, x, W_enc, b_enc, b_dec, k, signed, k_aux, *aux_scales)
+    pairs = list(zip(outs[0::2], outs[1::2], strict=True))
+    return Selection(pairs[0][0], pairs[0][1], pairs[1:])
 
 
 def select_scaled(pre: Tensor, scale: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:

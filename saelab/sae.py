@@ -96,9 +96,17 @@ class SAE(nn.Module):
             )
         return x.reshape(-1, self.d_in).to(self.W_enc.dtype) * self.act_scale
 
+    @property
+    def k_aux(self) -> int:
+        """Latents per token in auxiliary selections (AuxK, aux_zipf)."""
+        return min(self.cfg.auxk_k or self.d_in // 2, self.d_sae)
+
+    def _pre(self, xs: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, xs - self.b_dec, self.W_enc)
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations [N, d_sae] of inputs [..., d_in] (flattened)."""
-        return (self._flat(x) - self.b_dec) @ self.W_enc + self.b_enc
+        return self._pre(self._flat(x))
 
     def _impl(self, device: torch.device) -> Any:
         """Module with `encode_select` / `decode_sparse`: saelab.ops (torch) or the Triton kernels."""
@@ -107,9 +115,8 @@ class SAE(nn.Module):
     def _select(self, xs: Tensor, aux_scales: tuple[Tensor, ...] = (), k: int | None = None) -> ops.Selection:
         """Fused encoder + per-token top-k (k defaults to the sparsifier's) on normalised inputs."""
         sp = self.sparsifier
-        k_aux = self.cfg.auxk_k or self.d_in // 2
         return self._impl(xs.device).encode_select(
-            xs, self.W_enc, self.b_enc, self.b_dec, k or sp.k, sp.signed, aux_scales, min(k_aux, self.d_sae)
+            xs, self.W_enc, self.b_enc, self.b_dec, k or sp.k, sp.signed, aux_scales, self.k_aux
         )
 
     def encode_code(self, x: Tensor) -> Code:
@@ -162,7 +169,6 @@ class SAE(nn.Module):
             shortfall = losses.zipf_shortfall(sp.firing_rate, cfg.k, cfg.zipf_exponent)
             if bool((shortfall > 0).any()):
                 aux_scales["zipf"] = shortfall
-        k_aux = min(cfg.auxk_k or cfg.d_in // 2, cfg.d_sae)
         code = None
         if sp.per_token:
             sel = self._select(xs, tuple(aux_scales.values()))
@@ -172,9 +178,9 @@ class SAE(nn.Module):
             sel = self._select(xs, tuple(aux_scales.values()), k=n_cand)
             code, aux_codes = sp.select_candidates(sel.values, sel.indices), sel.aux
         if code is None:
-            pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+            pre = self._pre(xs)
             code = sp(pre)
-            aux_codes = [ops.select_scaled(pre, s, k_aux, sp.signed) for s in aux_scales.values()]
+            aux_codes = [ops.select_scaled(pre, s, self.k_aux, sp.signed) for s in aux_scales.values()]
         recon = self._decode_normalised(code)
         mse = losses.mse(xs, recon)
         loss = mse

@@ -28,6 +28,15 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
 
 
+def naive_encode_select(x, W_enc, b_enc, b_dec, k, signed, aux_scales=(), k_aux=0) -> ops.Selection:
+    """The definition, by plain dense autograd (independent of both backends' custom backward)."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    idx = (pre.abs() if signed else pre).topk(k, dim=1).indices
+    vals = pre.gather(1, idx)
+    return ops.Selection(vals if signed else vals.relu(), idx, [ops.select_scaled(pre, s, k_aux, signed)
+                                                                 for s in aux_scales])  # fmt: skip
+
+
 @pytest.mark.parametrize("signed", [False, True], ids=["topk", "abstopk"])
 @pytest.mark.parametrize("with_aux", [False, True], ids=["plain", "auxk"])
 def test_encode_select_matches_reference(signed: bool, with_aux: bool) -> None:
@@ -36,7 +45,7 @@ def test_encode_select_matches_reference(signed: bool, with_aux: bool) -> None:
     dead = (torch.rand(F, generator=g) < 0.2).float()
     scales = (dead,) if with_aux else ()
     grads, outs = [], []
-    for impl in (ops.encode_select, fused.encode_select):
+    for impl in (naive_encode_select, ops.encode_select, fused.encode_select):
         p = [leaf(t.to(DEVICE)) for t in (x, W, b, bd)]
         sel = impl(*p, 7, signed, tuple(s.to(DEVICE) for s in scales), 11)
         # Compare as dense matrices: the order of the k entries is not specified.
@@ -45,10 +54,11 @@ def test_encode_select_matches_reference(signed: bool, with_aux: bool) -> None:
         sum((d * w).sum() for d in dense).backward()
         outs.append([d.detach() for d in dense])
         grads.append([t.grad for t in p])
-    for a, b_ in zip(*outs, strict=True):
-        torch.testing.assert_close(a, b_)
-    for name, a, b_ in zip(("x", "W_enc", "b_enc", "b_dec"), *grads, strict=True):
-        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+    for impl_outs, impl_grads in zip(outs[1:], grads[1:], strict=True):  # torch, then triton, vs naive
+        for a, b_ in zip(outs[0], impl_outs, strict=True):
+            torch.testing.assert_close(b_, a)
+        for name, a, b_ in zip(("x", "W_enc", "b_enc", "b_dec"), grads[0], impl_grads, strict=True):
+            torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
