@@ -77,6 +77,7 @@ class SAEConfig:
     """Hook point the SAE reads, e.g. blocks.12.hook_resid_post (metadata, SAELens convention)."""
 
     def __post_init__(self) -> None:
+        from saelab.ops import BACKENDS
         from saelab.sparsifiers import SPARSIFIERS
 
         if self.sparsifier not in SPARSIFIERS:
@@ -92,8 +93,8 @@ class SAEConfig:
             raise ConfigError(f"k must be >= 1, got {self.k}")
         if self.d_sae and self.k > self.d_sae and SPARSIFIERS[self.sparsifier].uses_k:
             raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"unknown backend {self.backend!r}; choose auto, torch or triton")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         if not 0.0 <= self.threshold_momentum < 1.0:
             raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
 

@@ -177,8 +177,7 @@ def select_scaled(pre: Tensor, scale: Tensor, k: int, signed: bool) -> tuple[Ten
     Returns (pre * scale, ReLU'd unless signed; indices), both [N, k]. Scales of 0/1 pick among a
     subset (AuxK's dead latents); fractional scales also weight the values (aux_zipf's shortfall).
     """
-    score = (pre.abs() if signed else pre) * scale
-    idx = topk_per_row(torch.where(scale != 0, score, torch.full_like(score, float("-inf"))), k)[1]
+    idx = TorchPrims.select(pre, k, signed, scale)
     vals = pre.gather(1, idx) * scale[idx]
     return (vals if signed else vals.relu()), idx
 

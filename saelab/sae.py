@@ -112,17 +112,16 @@ class SAE(nn.Module):
         """Module with `encode_select` / `decode_sparse`: saelab.ops (torch) or the Triton kernels."""
         return ops.kernels() if ops.resolve_backend(self.cfg.backend, device) == "triton" else ops
 
-    def _select(self, xs: Tensor, aux_scales: tuple[Tensor, ...] = (), k: int | None = None) -> ops.Selection:
+    def _select(self, xs: Tensor, impl: Any, aux_scales: tuple[Tensor, ...] = (), k: int = 0) -> ops.Selection:
         """Fused encoder + per-token top-k (k defaults to the sparsifier's) on normalised inputs."""
         sp = self.sparsifier
-        return self._impl(xs.device).encode_select(
-            xs, self.W_enc, self.b_enc, self.b_dec, k or sp.k, sp.signed, aux_scales, self.k_aux
-        )
+        return impl.encode_select(xs, self.W_enc, self.b_enc, self.b_dec, k or sp.k, sp.signed, aux_scales, self.k_aux)
 
     def encode_code(self, x: Tensor) -> Code:
         """Sparse code of inputs [..., d_in] as a `Code` (the sparsifier's native form)."""
         if self.sparsifier.per_token:
-            sel = self._select(self._flat(x))
+            xs = self._flat(x)
+            sel = self._select(xs, self._impl(xs.device))
             return Code(sel.values, sel.indices)
         return self.sparsifier(self.pre_acts(x))
 
@@ -139,10 +138,11 @@ class SAE(nn.Module):
         idx = code.values.abs().topk(width, dim=-1).indices
         return SparseCode(code.values.gather(1, idx), idx)
 
-    def _decode_normalised(self, code: Code) -> Tensor:
+    def _decode_normalised(self, code: Code, impl: Any = None) -> Tensor:
         if code.indices is None:
             return code.values @ self.W_dec + self.b_dec
-        return self._impl(code.values.device).decode_sparse(code.values, code.indices, self.W_dec) + self.b_dec
+        impl = impl or self._impl(code.values.device)
+        return impl.decode_sparse(code.values, code.indices, self.W_dec) + self.b_dec
 
     def decode(self, acts: Tensor | SparseCode) -> Tensor:
         """Reconstruction in the model's units from dense acts [..., d_sae] or a `SparseCode`."""
@@ -161,6 +161,7 @@ class SAE(nn.Module):
         """
         xs = self._flat(x)
         sp, cfg = self.sparsifier, self.cfg
+        impl = self._impl(xs.device)
         # Auxiliary selections are defined by per-latent scales: AuxK's dead mask, aux_zipf's shortfall.
         aux_scales: dict[str, Tensor] = {}
         if self.training and sp.uses_auxk and dead_mask is not None and bool(dead_mask.any()):
@@ -171,17 +172,17 @@ class SAE(nn.Module):
                 aux_scales["zipf"] = shortfall
         code = None
         if sp.per_token:
-            sel = self._select(xs, tuple(aux_scales.values()))
+            sel = self._select(xs, impl, tuple(aux_scales.values()))
             code, aux_codes = Code(sel.values, sel.indices), sel.aux
-        elif self.training and sp.global_budget and ops.resolve_backend(cfg.backend, xs.device) == "triton":
+        elif self.training and sp.global_budget and impl is not ops:  # candidates pay off only with kernels
             n_cand = min(cfg.candidate_factor * cfg.k, cfg.d_sae)
-            sel = self._select(xs, tuple(aux_scales.values()), k=n_cand)
+            sel = self._select(xs, impl, tuple(aux_scales.values()), k=n_cand)
             code, aux_codes = sp.select_candidates(sel.values, sel.indices), sel.aux
         if code is None:
             pre = self._pre(xs)
             code = sp(pre)
             aux_codes = [ops.select_scaled(pre, s, self.k_aux, sp.signed) for s in aux_scales.values()]
-        recon = self._decode_normalised(code)
+        recon = self._decode_normalised(code, impl)
         mse = losses.mse(xs, recon)
         loss = mse
         aux: dict[str, Tensor] = {}
@@ -190,9 +191,8 @@ class SAE(nn.Module):
             loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
         if aux_scales:
             resid = (xs - recon).detach()
-            decode = self._impl(xs.device).decode_sparse
             for name, (vals, idx) in zip(aux_scales, aux_codes, strict=True):
-                aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, decode)
+                aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, impl.decode_sparse)
                 loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
         return SAEOutput(
             recon=(recon / self.act_scale).reshape(x.shape),
