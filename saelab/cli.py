@@ -1,4 +1,5 @@
-"""Command line: `saelab train --config FILE [--key value ...]`, `saelab eval RUN_DIR [--json]`."""
+"""Command line: `saelab train --config FILE [--key value ...]`, `saelab eval RUN_DIR [--json]`,
+`saelab analyze RUN_DIR --tokens N [--store PATH]`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import sys
 from collections.abc import Sequence
 from typing import get_type_hints
 
-from saelab.config import ConfigError, TrainConfig, apply_overrides, field_docs, load_config
+from saelab.config import AnalysisConfig, ConfigError, TrainConfig, apply_overrides, field_docs, load_config
+
+DEFAULT_STORE = "runs/features.duckdb"
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """One `--[prefix]name` option per config field, its docstring as help (nested dataclasses recurse)."""
     docs, hints = field_docs(cls), get_type_hints(cls)
-    group = parser.add_argument_group(f"{prefix.rstrip('.') or 'training'} options ({cls.__name__})")
+    group = parser.add_argument_group(f"{prefix.replace('.', ' ')}options ({cls.__name__})")
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
@@ -56,6 +59,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from saelab.analysis import analyze
+
+    cfg = apply_overrides(AnalysisConfig(), overrides)
+    info = analyze(args.run_dir, args.store, cfg, sae_id=args.name)
+    t = info.timings
+    rest = sum(v for k, v in t.items() if k != "model_forward_s")
+    print(f"analysed {info.sae_id!r} into {args.store}")
+    print(f"  features {info.d_sae}, tokens {info.n_tokens} (+{info.n_outliers} massive-norm tokens skipped)")
+    print(f"  features that never fired: {info.n_dead}")
+    print(f"  model forward {t['model_forward_s']:.1f} s; everything else {rest:.1f} s")
+    print("  (" + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items() if k != "model_forward_s") + ")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `saelab` argument parser."""
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and browse sparse autoencoders.")
@@ -74,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--all-tokens", action="store_true", help="also report CE with the SAE spliced in at massive-norm tokens too"
     )
+    an = sub.add_parser(
+        "analyze",
+        help="analyse a trained SAE's features into the DuckDB feature store",
+        description="Run the model with the SAE over held-out text and write feature statistics, examples, "
+        "logit effects and neighbours to the feature store (resumable; readers see the old store until done).",
+    )
+    an.add_argument("run_dir", help="directory holding cfg.json and sae_weights.safetensors")
+    an.add_argument("--store", default=DEFAULT_STORE, help=f"feature store file (default: {DEFAULT_STORE})")
+    an.add_argument("--name", default=None, help="id of the SAE in the store (default: the run directory's name)")
+    an.add_argument("--tokens", dest="n_tokens", default=argparse.SUPPRESS, help="same as --n_tokens")
+    _add_config_options(an, AnalysisConfig)
     return parser
 
 
@@ -81,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `saelab` console script."""
     from saelab.activations import ActivationCache  # noqa: F401  (fail fast on a broken install)
     from saelab.sae import CheckpointError
+    from saelab.store import StoreError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -88,8 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
             return _cmd_train(args, overrides)
+        if args.command == "analyze":
+            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir", "store", "name")}
+            return _cmd_analyze(args, overrides)
         return _cmd_eval(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, CheckpointError, StoreError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"saelab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

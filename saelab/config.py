@@ -229,6 +229,55 @@ class TrainConfig:
             raise ConfigError("decay_fraction and l1_warmup_fraction must lie in [0, 1]")
 
 
+@dataclass
+class AnalysisConfig:
+    """How `saelab analyze` reads a trained SAE's features into the feature store."""
+
+    n_tokens: int = 100_000
+    """Held-out tokens to run the model and SAE over."""
+
+    model_batch_size: int = 32
+    """Sequences per model forward pass (also one resumable chunk of work)."""
+
+    n_top: int = 20
+    """Top-activating examples kept per feature."""
+
+    n_bands: int = 10
+    """Equal-width activation bands over (0, max activation] to sample examples from (as SAE-Vis does)."""
+
+    per_band: int = 5
+    """Examples sampled uniformly at random from each band."""
+
+    context_before: int = 24
+    """Tokens shown before an example's token."""
+
+    context_after: int = 8
+    """Tokens shown after an example's token."""
+
+    hist_bins: int = 32
+    """Bins of each feature's activation histogram."""
+
+    n_logits: int = 10
+    """Promoted and suppressed tokens kept per feature."""
+
+    n_neighbours: int = 10
+    """Nearest features by decoder cosine similarity kept per feature."""
+
+    max_entries: int = 8_000_000
+    """Non-zero activations held in memory at once while reducing (bounds memory for any n_tokens)."""
+
+    seed: int = 0
+    """Seed of the band sampling."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "model_batch_size", "n_top", "n_bands", "hist_bins", "max_entries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("per_band", "context_before", "context_after", "n_logits", "n_neighbours"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Map each dataclass field of `cls` (and its bases) to the docstring written below it."""
     docs: dict[str, str] = {}
@@ -290,12 +339,12 @@ def _coerce(text: str, typ: Any, key: str) -> Any:
         raise ConfigError(f"--{key} expects {typ.__name__}, got {text!r}") from e
 
 
-def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
-    """Apply `{"sae.k": "64", "lr": "1e-3"}`-style string overrides, type-checked, validated again."""
+def apply_overrides(cfg: Any, overrides: dict[str, str]) -> Any:
+    """Apply `{"sae.k": "64", "lr": "1e-3"}`-style string overrides to a config, type-checked, validated again."""
     raw = to_dict(cfg)
     for key, text in overrides.items():
         parts = key.split(".")
-        cls: type = TrainConfig
+        cls: type = type(cfg)
         node = raw
         for part in parts[:-1]:
             hints = get_type_hints(cls)
@@ -308,4 +357,4 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
             valid = sorted(k for k, v in node.items() if not isinstance(v, dict))
             raise ConfigError(f"unknown config key --{key}; valid keys here: {valid}")
         node[leaf] = _coerce(text, hints[leaf], key)
-    return from_dict(TrainConfig, raw)
+    return from_dict(type(cfg), raw)

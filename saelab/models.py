@@ -107,6 +107,28 @@ class LanguageModel:
         """Unembedding matrix [d_model, d_vocab]."""
         return self.tl.W_U
 
+    def final_norm_gain(self) -> Tensor | None:
+        """Per-dimension gain [d_model] of the final norm (None if the model has none or it is folded in)."""
+        ln = getattr(self.tl, "ln_final", None)
+        if ln is None:
+            return None
+        # TL 3 calls it `w`; TL 4's bridge keeps the HF module's `weight` inside a wrapper.
+        for name, p in ln.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("w", "weight") and tuple(p.shape) == (self.d_model,):
+                return p
+        return None
+
+    @torch.no_grad()
+    def direction_logits(self, dirs: Tensor) -> Tensor:
+        """Direct effect on the logits [n, d_vocab] of residual directions dirs [n, d_model].
+
+        The final norm's gain is applied but not its division by the residual's scale, the usual
+        approximation in SAE dashboards (SAE-Vis, Neuronpedia).
+        """
+        gain = self.final_norm_gain()
+        dirs = dirs.to(self.W_U.device, self.W_U.dtype)
+        return (dirs * gain if gain is not None else dirs) @ self.W_U
+
     def check_hook(self, hook_name: str) -> None:
         """Raise a clear error (with close matches) if `hook_name` is not a hook point of the model."""
         if hook_name in self.tl.hook_dict:

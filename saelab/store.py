@@ -1,0 +1,539 @@
+"""The feature store: one DuckDB file holding every analysed SAE's features, examples and metadata.
+
+This is the only module that knows SQL. Writers never modify a published store in place: they
+copy it (or start empty), write, checkpoint and then rename the copy over the original, so a
+reader holding the old file keeps a complete store and the next read sees the new one. Readers
+open read-only and reconnect when the file has been replaced.
+
+Schema: `SCHEMA` below, documented for users in docs/store.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+FORMAT = "saelab-feature-store"
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE saelab_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+
+-- One row per analysed SAE. JSON columns are text (no extension needed to read them).
+CREATE TABLE saes (
+    sae_id VARCHAR PRIMARY KEY,
+    run_dir VARCHAR,
+    model VARCHAR,
+    hook_name VARCHAR,
+    sparsifier VARCHAR,
+    d_in INTEGER,
+    d_sae INTEGER,
+    k INTEGER,
+    n_tokens BIGINT,          -- ordinary tokens analysed
+    n_outliers BIGINT,        -- massive-norm tokens skipped (the SAE is not applied there)
+    n_dead INTEGER,           -- features that never fired on the analysed tokens
+    context_size INTEGER,
+    cfg VARCHAR,              -- the SAE's cfg.json
+    eval VARCHAR,             -- the run's eval.json, NULL if it was never evaluated
+    params VARCHAR,           -- the analysis settings
+    timings VARCHAR,          -- seconds per analysis phase; model forward reported apart
+    density_edges DOUBLE[],   -- log10 firing-density histogram over live features
+    density_counts BIGINT[],
+    saelab_version VARCHAR,
+    created_at TIMESTAMP
+);
+
+-- Training curves in long form: one row per (step, metric).
+CREATE TABLE train_metrics (sae_id VARCHAR, step BIGINT, metric VARCHAR, value DOUBLE);
+
+CREATE TABLE features (
+    sae_id VARCHAR,
+    feature INTEGER,
+    n_fires BIGINT,
+    density DOUBLE,           -- n_fires / n_tokens
+    mean_act DOUBLE,          -- mean activation over the tokens where it fires
+    max_act DOUBLE,           -- largest |activation| (signed SAEs fire both ways)
+    neg_frac DOUBLE,          -- share of firings with a negative activation (0 unless signed)
+    q50 DOUBLE,               -- quantiles of |activation| over firings (exact)
+    q90 DOUBLE,
+    q99 DOUBLE,
+    hist_counts INTEGER[],    -- firings per equal-width bin of |activation| over (0, max_act]
+    band_counts BIGINT[],     -- firings per sampling band (equal-width bands over (0, max_act])
+    pos_token_ids INTEGER[],  -- tokens the decoder direction most promotes (through the unembedding)
+    pos_tokens VARCHAR[],
+    pos_logits REAL[],
+    neg_token_ids INTEGER[],  -- ... and most suppresses
+    neg_tokens VARCHAR[],
+    neg_logits REAL[],
+    neighbours INTEGER[],     -- nearest features by decoder cosine similarity
+    neighbour_cos REAL[],
+    label VARCHAR,
+    PRIMARY KEY (sae_id, feature)
+);
+
+-- Top-activating examples (kind 'top', rank 0 = strongest) and samples from each activation band
+-- (kind 'band'), each a window of tokens around the example's token with this feature's activation
+-- at every token of the window.
+CREATE TABLE examples (
+    sae_id VARCHAR,
+    feature INTEGER,
+    kind VARCHAR,
+    band SMALLINT,            -- band index for kind 'band', -1 for 'top'
+    rank SMALLINT,
+    act REAL,                 -- activation at the example's token (signed)
+    seq INTEGER,              -- held-out sequence index
+    pos INTEGER,              -- position of the example's token in the sequence
+    start INTEGER,            -- position of the window's first token
+    max_token VARCHAR,        -- the example's token, as text
+    token_ids INTEGER[],
+    acts REAL[]
+);
+
+-- Token id -> text, once per model.
+CREATE TABLE vocab (model VARCHAR, token_id INTEGER, token VARCHAR, PRIMARY KEY (model, token_id));
+"""
+
+TABLES = ("saes", "train_metrics", "features", "examples", "vocab")
+PER_SAE_TABLES = ("saes", "train_metrics", "features", "examples")
+
+SORT_KEYS = ("feature", "n_fires", "density", "mean_act", "max_act", "neg_frac", "q50", "q90", "q99")
+"""Columns the feature list can be sorted by (a whitelist: ORDER BY cannot take a parameter)."""
+
+SUMMARY_COLUMNS = "feature, n_fires, density, mean_act, max_act, neg_frac, q50, q90, q99, label"
+
+
+class StoreError(RuntimeError):
+    """A missing, corrupt, foreign or incompatible store, or a request for something not in it."""
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    """One analysed SAE: identity, settings, evals and the density histogram."""
+
+    sae_id: str
+    run_dir: str
+    model: str
+    hook_name: str
+    sparsifier: str
+    d_in: int
+    d_sae: int
+    k: int | None
+    n_tokens: int
+    n_outliers: int
+    n_dead: int
+    context_size: int
+    cfg: dict[str, Any]
+    eval: dict[str, Any] | None
+    params: dict[str, Any]
+    timings: dict[str, float]
+    density_edges: list[float]
+    density_counts: list[int]
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """One row of the feature list."""
+
+    feature: int
+    n_fires: int
+    density: float
+    mean_act: float
+    max_act: float
+    neg_frac: float
+    q50: float
+    q90: float
+    q99: float
+    label: str | None
+
+
+@dataclass(frozen=True)
+class FeaturePage:
+    """A page of the feature list and the number of features matching the filters."""
+
+    total: int
+    rows: list[FeatureSummary]
+
+
+@dataclass(frozen=True)
+class Example:
+    """A token window around one activation of a feature."""
+
+    kind: str
+    """'top' or 'band'."""
+    band: int
+    rank: int
+    act: float
+    seq: int
+    pos: int
+    tokens: list[str]
+    acts: list[float]
+    """This feature's activation at every token of the window."""
+    index: int
+    """Index of the example's token within `tokens`."""
+
+
+@dataclass(frozen=True)
+class FeatureDashboard:
+    """Everything a feature's page shows."""
+
+    sae_id: str
+    summary: FeatureSummary
+    hist_edges: list[float]
+    hist_counts: list[int]
+    band_edges: list[float]
+    band_counts: list[int]
+    top_examples: list[Example]
+    band_examples: dict[int, list[Example]]
+    promoted: list[tuple[str, float]]
+    suppressed: list[tuple[str, float]]
+    neighbours: list[tuple[int, float]]
+
+
+def _edges(max_act: float, n: int) -> list[float]:
+    return [max_act * i / n for i in range(n + 1)]
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Connect and check that the file is a saelab store of this schema version (or empty, to write)."""
+    if read_only and not path.exists():
+        raise StoreError(f"no feature store at {path}; build one with `saelab analyze RUN_DIR --store {path}`")
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as e:
+        raise StoreError(f"{path} is not a readable DuckDB database: {e}") from e
+    try:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if not tables and not read_only:
+            con.execute(SCHEMA)
+            con.executemany(
+                "INSERT INTO saelab_meta VALUES (?, ?)", [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))]
+            )
+            return con
+        if "saelab_meta" not in tables:
+            raise StoreError(f"{path} is a DuckDB database but not a saelab feature store (tables: {sorted(tables)})")
+        meta = dict(con.execute("SELECT key, value FROM saelab_meta").fetchall())
+        if meta.get("format") != FORMAT:
+            raise StoreError(f"{path} is not a saelab feature store (format {meta.get('format')!r})")
+        version = int(meta.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            hint = "upgrade saelab to read it" if version > SCHEMA_VERSION else "re-run `saelab analyze` to rebuild it"
+            raise StoreError(f"{path} has store schema v{version}; this saelab reads v{SCHEMA_VERSION}: {hint}")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+class FeatureStore:
+    """Typed access to a feature store file.
+
+    `FeatureStore(path)` opens it read-only; use `FeatureStore.writer(path)` to add SAEs. A reader
+    notices when a writer has published a new version of the file and reconnects.
+    """
+
+    def __init__(self, path: str | Path, _con: duckdb.DuckDBPyConnection | None = None):
+        self.path = Path(path)
+        self.writable = _con is not None
+        self._con = _con or _connect(self.path, read_only=True)
+        self._file = None if self.writable else _file_id(self.path)
+        self._vocab: dict[str, list[str]] = {}
+
+    # -- connection -------------------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def writer(cls, path: str | Path) -> Iterator[FeatureStore]:
+        """Open `path` for writing; changes are published atomically when the block exits cleanly.
+
+        Writers are serialised by a lock file beside the store. On an exception nothing is published.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".writing")
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another writer of {path} to finish ...", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
+                stale.unlink(missing_ok=True)
+            if path.exists():
+                _connect(path, read_only=True).close()  # refuse to copy a foreign or corrupt file
+                shutil.copyfile(path, tmp)
+            con = _connect(tmp, read_only=False)
+            try:
+                yield cls(tmp, _con=con)
+                con.execute("CHECKPOINT")
+                con.close()
+                os.replace(tmp, path)
+            except BaseException:
+                con.close()
+                tmp.unlink(missing_ok=True)
+                raise
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The connection, reopened first if a writer has published a new file since the last read."""
+        if not self.writable:
+            current = _file_id(self.path)
+            if current != self._file:
+                self._con.close()
+                self._con = _connect(self.path, read_only=True)
+                self._file = current
+                self._vocab.clear()
+        return self._con
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._con.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.con.execute(sql, list(params)).fetchall()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run any SQL against the store and return a pandas DataFrame (for notebooks)."""
+        return self.con.execute(sql, list(params)).df()
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"{self.path} is open read-only; use FeatureStore.writer(path) to write")
+
+    def put_sae(self, row: dict[str, Any]) -> None:
+        """Add an SAE's row, first removing everything stored under the same `sae_id`."""
+        self._require_writable()
+        for table in PER_SAE_TABLES:
+            self._con.execute(f"DELETE FROM {table} WHERE sae_id = ?", [row["sae_id"]])
+        row = {
+            k: json.dumps(v) if k in ("cfg", "eval", "params", "timings") and v is not None else v
+            for k, v in row.items()
+        }
+        cols = list(row)
+        self._con.execute(
+            f"INSERT INTO saes ({', '.join(cols)}, created_at) VALUES ({', '.join('?' * len(cols))}, now())",
+            list(row.values()),
+        )
+
+    def append(self, table: str, data: Any) -> None:
+        """Bulk-insert a pyarrow Table (columns named as in the schema) into `table`."""
+        self._require_writable()
+        if table not in TABLES:
+            raise StoreError(f"unknown table {table!r}; tables: {TABLES}")
+        if data.num_rows == 0:
+            return
+        self._con.register("_incoming", data)
+        try:
+            self._con.execute(f"INSERT INTO {table} ({', '.join(data.column_names)}) SELECT * FROM _incoming")
+        finally:
+            self._con.unregister("_incoming")
+
+    def has_vocab(self, model: str) -> bool:
+        """Whether token texts for `model` are stored."""
+        return bool(self._rows("SELECT count(*) FROM vocab WHERE model = ?", [model])[0][0])
+
+    def set_label(self, sae_id: str, feature: int, label: str | None) -> None:
+        """Attach a human-readable label to a feature (searched by `search`)."""
+        self._require_writable()
+        self._check_feature(sae_id, feature)
+        self._con.execute("UPDATE features SET label = ? WHERE sae_id = ? AND feature = ?", [label, sae_id, feature])
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def sae_ids(self) -> list[str]:
+        """Ids of the stored SAEs, sorted."""
+        return [r[0] for r in self._rows("SELECT sae_id FROM saes ORDER BY sae_id")]
+
+    def sae(self, sae_id: str) -> SAEInfo:
+        """One SAE's metadata; a clear error naming the stored SAEs when `sae_id` is unknown."""
+        rows = self._rows(
+            "SELECT sae_id, run_dir, model, hook_name, sparsifier, d_in, d_sae, k, n_tokens, n_outliers, n_dead,"
+            " context_size,"
+            " cfg, eval, params, timings, density_edges, density_counts FROM saes WHERE sae_id = ?",
+            [sae_id],
+        )
+        if not rows:
+            raise StoreError(f"no SAE {sae_id!r} in {self.path}; stored: {self.sae_ids()}")
+        r = list(rows[0])
+        for i in (12, 13, 14, 15):
+            r[i] = json.loads(r[i]) if r[i] is not None else None
+        return SAEInfo(*r)
+
+    def _check_feature(self, sae_id: str, feature: int) -> int:
+        d_sae = self.sae(sae_id).d_sae
+        if not isinstance(feature, int) or isinstance(feature, bool) or not 0 <= feature < d_sae:
+            raise StoreError(f"feature {feature!r} is out of range: SAE {sae_id!r} has features 0 .. {d_sae - 1}")
+        return d_sae
+
+    def vocab(self, model: str) -> list[str]:
+        """Token texts of `model`, indexed by token id (cached)."""
+        if model not in self._vocab:
+            rows = self._rows("SELECT token_id, token FROM vocab WHERE model = ? ORDER BY token_id", [model])
+            table = [""] * (rows[-1][0] + 1 if rows else 0)
+            for i, tok in rows:
+                table[i] = tok
+            self._vocab[model] = table
+        return self._vocab[model]
+
+    def feature_list(
+        self,
+        sae_id: str,
+        sort: str = "density",
+        descending: bool = True,
+        min_density: float | None = None,
+        max_density: float | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> FeaturePage:
+        """A page of features filtered by firing density and sorted by one of `SORT_KEYS`."""
+        self.sae(sae_id)
+        if sort not in SORT_KEYS:
+            raise StoreError(f"cannot sort by {sort!r}; choose one of {SORT_KEYS}")
+        where, params = ["sae_id = ?"], [sae_id]
+        if min_density is not None:
+            where.append("density >= ?")
+            params.append(min_density)
+        if max_density is not None:
+            where.append("density <= ?")
+            params.append(max_density)
+        cond = " AND ".join(where)
+        total = self._rows(f"SELECT count(*) FROM features WHERE {cond}", params)[0][0]
+        order = f"{sort} {'DESC' if descending else 'ASC'} NULLS LAST, feature"
+        rows = self._rows(
+            f"SELECT {SUMMARY_COLUMNS} FROM features WHERE {cond} ORDER BY {order} LIMIT ? OFFSET ?",
+            [*params, int(limit), int(offset)],
+        )
+        return FeaturePage(total, [FeatureSummary(*r) for r in rows])
+
+    def dashboard(self, sae_id: str, feature: int) -> FeatureDashboard:
+        """One feature's dashboard: summary, histograms, examples, logit effects and neighbours."""
+        info = self.sae(sae_id)
+        self._check_feature(sae_id, feature)
+        (row,) = self._rows(
+            f"SELECT {SUMMARY_COLUMNS}, hist_counts, band_counts, pos_tokens, pos_logits, neg_tokens, neg_logits,"
+            " neighbours, neighbour_cos FROM features WHERE sae_id = ? AND feature = ?",
+            [sae_id, feature],
+        )
+        summary = FeatureSummary(*row[:10])
+        hist, bands, pos_t, pos_l, neg_t, neg_l, nb, nb_cos = row[10:]
+        vocab = self.vocab(info.model)
+        top: list[Example] = []
+        banded: dict[int, list[Example]] = {}
+        for kind, band, rank, act, seq, pos, start, ids, acts in self._rows(
+            "SELECT kind, band, rank, act, seq, pos, start, token_ids, acts FROM examples"
+            " WHERE sae_id = ? AND feature = ? ORDER BY kind DESC, band, rank",
+            [sae_id, feature],
+        ):
+            tokens = [vocab[i] if i < len(vocab) else f"<{i}>" for i in ids]
+            ex = Example(kind, band, rank, act, seq, pos, tokens, acts, pos - start)
+            (top if kind == "top" else banded.setdefault(band, [])).append(ex)
+        return FeatureDashboard(
+            sae_id=sae_id,
+            summary=summary,
+            hist_edges=_edges(summary.max_act, len(hist or [])),
+            hist_counts=list(hist or []),
+            band_edges=_edges(summary.max_act, len(bands or [])),
+            band_counts=list(bands or []),
+            top_examples=top,
+            band_examples=banded,
+            promoted=list(zip(pos_t or [], pos_l or [], strict=True)),
+            suppressed=list(zip(neg_t or [], neg_l or [], strict=True)),
+            neighbours=list(zip(nb or [], nb_cos or [], strict=True)),
+        )
+
+    def neighbours(self, sae_id: str, feature: int) -> list[tuple[int, float]]:
+        """Nearest features by decoder cosine similarity, closest first."""
+        self._check_feature(sae_id, feature)
+        (row,) = self._rows(
+            "SELECT neighbours, neighbour_cos FROM features WHERE sae_id = ? AND feature = ?", [sae_id, feature]
+        )
+        return list(zip(row[0] or [], row[1] or [], strict=True))
+
+    def features_for_token(self, sae_id: str, token: str | int, limit: int = 20) -> list[tuple[int, int, float]]:
+        """Features whose top examples peak on `token` (text or id): (feature, examples, max act)."""
+        info = self.sae(sae_id)
+        if isinstance(token, int):
+            vocab = self.vocab(info.model)
+            if not 0 <= token < len(vocab):
+                raise StoreError(f"token id {token} is out of range for {info.model} (vocabulary of {len(vocab)})")
+            token = vocab[token]
+        return self._rows(
+            "SELECT feature, count(*) AS n, max(abs(act)) AS top FROM examples"
+            " WHERE sae_id = ? AND kind = 'top' AND max_token = ? GROUP BY feature ORDER BY n DESC, top DESC LIMIT ?",
+            [sae_id, token, int(limit)],
+        )
+
+    def search(self, sae_id: str, text: str, limit: int = 50) -> list[FeatureSummary]:
+        """Features whose label, top-example tokens or promoted tokens contain `text` (case-insensitive).
+
+        `text` is matched literally: SQL wildcards in it are escaped, and it is always a bound parameter.
+        """
+        self.sae(sae_id)
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._rows(
+            f"""
+            WITH hits AS (
+                SELECT feature, count(*) AS n FROM examples
+                WHERE sae_id = ? AND kind = 'top' AND max_token ILIKE ? ESCAPE '\\'
+                GROUP BY feature
+            )
+            SELECT {", ".join("f." + c for c in SUMMARY_COLUMNS.split(", "))}
+            FROM features f LEFT JOIN hits h ON h.feature = f.feature
+            WHERE f.sae_id = ? AND (
+                h.n IS NOT NULL
+                OR f.label ILIKE ? ESCAPE '\\'
+                OR EXISTS (SELECT 1 FROM unnest(f.pos_tokens) AS u(t) WHERE t ILIKE ? ESCAPE '\\')
+            )
+            ORDER BY (f.label ILIKE ? ESCAPE '\\') DESC NULLS LAST, coalesce(h.n, 0) DESC, f.max_act DESC
+            LIMIT ?
+            """,
+            [sae_id, pattern, sae_id, pattern, pattern, pattern, int(limit)],
+        )
+        return [FeatureSummary(*r) for r in rows]
+
+    def train_metrics(self, sae_id: str) -> dict[str, tuple[list[int], list[float]]]:
+        """Training curves: metric -> (steps, values)."""
+        self.sae(sae_id)
+        out: dict[str, tuple[list[int], list[float]]] = {}
+        for metric, step, value in self._rows(
+            "SELECT metric, step, value FROM train_metrics WHERE sae_id = ? ORDER BY metric, step", [sae_id]
+        ):
+            steps, values = out.setdefault(metric, ([], []))
+            steps.append(step)
+            values.append(value)
+        return out
+
+    def export_parquet(self, out_dir: str | Path) -> list[Path]:
+        """Write every table to `out_dir/<table>.parquet`; returns the files written."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for table in ("saelab_meta", *TABLES):
+            dest = out / f"{table}.parquet"
+            # COPY takes no bound parameter for its target; the path is quoted as an SQL literal.
+            literal = "'" + str(dest).replace("'", "''") + "'"
+            self.con.execute(f"COPY (SELECT * FROM {table}) TO {literal} (FORMAT PARQUET)").fetchall()
+            written.append(dest)
+        return written
