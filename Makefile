@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (train + evaluate on the offline default) and `make test`.
+# Two entry points: `make demo` (train, evaluate and analyse on the offline default) and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 # A CPU build of torch sits on local disk; an unpinned torch would pull a multi-GB CUDA build.
@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+STORE ?= runs/features.duckdb
+
 demo: install
 	$(VENV)/bin/saelab train --config data/configs/topk.toml
+	$(VENV)/bin/saelab analyze runs/topk --tokens 100000 --store $(STORE)
 
 test: install
 	$(PY) -m pytest -q
@@ -34,7 +37,8 @@ test-tl3:
 	$(TL3_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TL3_VENV)/bin/python -c "import torch" 2>/dev/null || $(TL3_VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(TL3_VENV)/bin/python -m pip install -q -e ".[dev]" "transformer-lens>=3.9,<4"
-	$(TL3_VENV)/bin/python -m pytest -q tests/test_models.py tests/test_activations.py tests/test_evals.py tests/test_cli.py
+	$(TL3_VENV)/bin/python -m pytest -q tests/test_models.py tests/test_activations.py tests/test_evals.py tests/test_cli.py \
+		tests/test_analysis.py tests/test_store.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import ROOT, save_results
 
-ROOT = Path(__file__).resolve().parents[1]
 GPU_SHAPES = [(768, 24576, 32), (2304, 65536, 64), (4096, 131072, 64)]
 GPU_BATCHES = [4096, 16384]
 CPU_SHAPES = [(256, 4096, 32), (576, 4608, 32)]
@@ -181,17 +181,6 @@ def run_one(python: str, impl: str, shape: tuple[int, int, int], batch: int, ste
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def commit() -> str:
-    """Short hash of HEAD, with '-dirty' when tracked files differ from it (then HEAD is not what ran)."""
-    try:
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     """Run the benchmark grid and print/save one table with ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -224,11 +213,7 @@ def main() -> None:
             print(f"done {shape} x {batch}", file=sys.stderr)
     table = render(rows, [i for i, _ in impls], device, peaks)
     print(table)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_step-{'gpu' if gpu else 'cpu'}-{commit()}"
-    (out / f"{stem}.md").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"device": device, "peaks": peaks, "rows": rows}, indent=2))
+    save_results("train_step", "gpu" if gpu else "cpu", table, {"device": device, "peaks": peaks, "rows": rows})
 
 
 def render(rows: list[dict], impls: list[str], device: str, peaks: dict) -> str:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from saelab.config import AnalysisConfig, DataConfig, to_dict
 from saelab.evals import data_config_for, density_histogram
 from saelab.models import LanguageModel
 from saelab.sae import SAE, WEIGHTS_FILE
-from saelab.store import FeatureStore, SAEInfo
+from saelab.store import FeatureStore, SAEInfo, list_column
 
 WORK_FORMAT = 1
 WEIGHT_BLOCK = 1024
@@ -87,12 +88,6 @@ def _group_rank(sorted_groups: np.ndarray) -> np.ndarray:
     """Rank of each element within its run of equal values in an already grouped array."""
     idx = np.arange(len(sorted_groups))
     return idx - np.searchsorted(sorted_groups, sorted_groups, side="left")
-
-
-def _list_array(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def _nullable(values: np.ndarray, valid: np.ndarray) -> pa.Array:
@@ -159,6 +154,12 @@ class Analyzer:
         seqs = token_sequences(self.model, self.data, "eval", self.cfg.n_tokens)
         if len(seqs) == 0:
             raise ValueError(f"no held-out text in {self.data.dataset!r} to analyse")
+        if seqs.numel() < self.cfg.n_tokens:
+            print(
+                f"note: {self.data.dataset!r} holds {seqs.numel()} held-out tokens (every "
+                f"{self.data.holdout_every}th sequence), fewer than the {self.cfg.n_tokens} asked for; analysing those",
+                file=sys.stderr,
+            )
         buf = io.BytesIO()
         np.save(buf, seqs.numpy().astype(np.int32))
         (self.work / "tokens.npy.tmp").write_bytes(buf.getvalue())
@@ -368,8 +369,8 @@ class Analyzer:
                 "pos": pa.array(pos.astype(np.int32)),
                 "start": pa.array(start.astype(np.int32)),
                 "max_token": pa.array([vocab[t] for t in max_tok.tolist()], pa.string()),
-                "token_ids": _list_array(win_tokens, lengths),
-                "acts": _list_array(acts, lengths),
+                "token_ids": list_column(win_tokens, lengths),
+                "acts": list_column(acts, lengths),
             }
         )
 
@@ -465,7 +466,7 @@ class Analyzer:
                 "weights_s": t_weights,
                 "write_s": write_s,
             }
-            store.con.execute("UPDATE saes SET timings = ? WHERE sae_id = ?", [json.dumps(timings), self.sae_id])
+            store.set_timings(self.sae_id, timings)
             t_written = time.perf_counter()
         self.timings = timings | {"publish_s": time.perf_counter() - t_written}
         shutil.rmtree(self.work, ignore_errors=True)
@@ -482,21 +483,21 @@ class Analyzer:
             cols[name] = stats[name] if isinstance(stats[name], pa.Array) else pa.array(stats[name])
         for name in ("hist_counts", "band_counts"):
             m = stats[name]
-            cols[name] = _list_array(
+            cols[name] = list_column(
                 m.reshape(-1).astype(np.int32 if name == "hist_counts" else np.int64), np.full(len(m), m.shape[1])
             )
         for prefix in ("pos", "neg"):
             ids = weights[f"{prefix}_token_ids"][lo:hi]
             n = np.full(len(ids), ids.shape[1])
-            cols[f"{prefix}_token_ids"] = _list_array(ids.reshape(-1), n)
-            cols[f"{prefix}_tokens"] = _list_array(
+            cols[f"{prefix}_token_ids"] = list_column(ids.reshape(-1), n)
+            cols[f"{prefix}_tokens"] = list_column(
                 np.array([vocab[i] for i in ids.reshape(-1).tolist()], dtype=object), n
             )
-            cols[f"{prefix}_logits"] = _list_array(weights[f"{prefix}_logits"][lo:hi].reshape(-1), n)
+            cols[f"{prefix}_logits"] = list_column(weights[f"{prefix}_logits"][lo:hi].reshape(-1), n)
         nb = weights["neighbours"][lo:hi]
         n = np.full(len(nb), nb.shape[1])
-        cols["neighbours"] = _list_array(nb.reshape(-1), n)
-        cols["neighbour_cos"] = _list_array(weights["neighbour_cos"][lo:hi].reshape(-1), n)
+        cols["neighbours"] = list_column(nb.reshape(-1), n)
+        cols["neighbour_cos"] = list_column(weights["neighbour_cos"][lo:hi].reshape(-1), n)
         return pa.table(cols)
 
     def _sae_row(self, tot: dict[str, Any], tokens: np.ndarray) -> dict[str, Any]:

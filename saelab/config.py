@@ -133,7 +133,7 @@ class DataConfig:
     n_tokens: int = 300_000
     """Training tokens to harvest (after excluding massive-norm tokens)."""
 
-    holdout_every: int = 50
+    holdout_every: int = 10
     """Every n-th sequence of the corpus is held out for evaluation and never trained on."""
 
     exclude_norm_factor: float = 6.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import operator
 import os
 import shutil
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 
 FORMAT = "saelab-feature-store"
 SCHEMA_VERSION = 1
@@ -199,6 +202,13 @@ class FeatureDashboard:
     neighbours: list[tuple[int, float]]
 
 
+def list_column(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """An Arrow list column from concatenated values and per-row lengths (for bulk `append`)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
 def _edges(max_act: float, n: int) -> list[float]:
     return [max_act * i / n for i in range(n + 1)]
 
@@ -337,6 +347,11 @@ class FeatureStore:
             list(row.values()),
         )
 
+    def set_timings(self, sae_id: str, timings: dict[str, float]) -> None:
+        """Record how long each phase of an SAE's analysis took (known only once it is written)."""
+        self._require_writable()
+        self._con.execute("UPDATE saes SET timings = ? WHERE sae_id = ?", [json.dumps(timings), sae_id])
+
     def append(self, table: str, data: Any) -> None:
         """Bulk-insert a pyarrow Table (columns named as in the schema) into `table`."""
         self._require_writable()
@@ -357,7 +372,7 @@ class FeatureStore:
     def set_label(self, sae_id: str, feature: int, label: str | None) -> None:
         """Attach a human-readable label to a feature (searched by `search`)."""
         self._require_writable()
-        self._check_feature(sae_id, feature)
+        feature = self._check_feature(sae_id, feature)
         self._con.execute("UPDATE features SET label = ? WHERE sae_id = ? AND feature = ?", [label, sae_id, feature])
 
     # -- reading ----------------------------------------------------------------------------------
@@ -381,11 +396,18 @@ class FeatureStore:
             r[i] = json.loads(r[i]) if r[i] is not None else None
         return SAEInfo(*r)
 
-    def _check_feature(self, sae_id: str, feature: int) -> int:
-        d_sae = self.sae(sae_id).d_sae
-        if not isinstance(feature, int) or isinstance(feature, bool) or not 0 <= feature < d_sae:
-            raise StoreError(f"feature {feature!r} is out of range: SAE {sae_id!r} has features 0 .. {d_sae - 1}")
-        return d_sae
+    def _check_feature(self, sae_id: str, feature: int, info: SAEInfo | None = None) -> int:
+        """`feature` as an int, or a clear error if it is not a feature id of the SAE."""
+        d_sae = (info or self.sae(sae_id)).d_sae
+        try:
+            if isinstance(feature, bool):
+                raise TypeError
+            index = operator.index(feature)
+        except TypeError:
+            raise StoreError(f"feature ids are integers, got {feature!r}") from None
+        if not 0 <= index < d_sae:
+            raise StoreError(f"feature {index} is out of range: SAE {sae_id!r} has features 0 .. {d_sae - 1}")
+        return index
 
     def vocab(self, model: str) -> list[str]:
         """Token texts of `model`, indexed by token id (cached)."""
@@ -430,7 +452,7 @@ class FeatureStore:
     def dashboard(self, sae_id: str, feature: int) -> FeatureDashboard:
         """One feature's dashboard: summary, histograms, examples, logit effects and neighbours."""
         info = self.sae(sae_id)
-        self._check_feature(sae_id, feature)
+        feature = self._check_feature(sae_id, feature, info)
         (row,) = self._rows(
             f"SELECT {SUMMARY_COLUMNS}, hist_counts, band_counts, pos_tokens, pos_logits, neg_tokens, neg_logits,"
             " neighbours, neighbour_cos FROM features WHERE sae_id = ? AND feature = ?",
@@ -465,7 +487,7 @@ class FeatureStore:
 
     def neighbours(self, sae_id: str, feature: int) -> list[tuple[int, float]]:
         """Nearest features by decoder cosine similarity, closest first."""
-        self._check_feature(sae_id, feature)
+        feature = self._check_feature(sae_id, feature)
         (row,) = self._rows(
             "SELECT neighbours, neighbour_cos FROM features WHERE sae_id = ? AND feature = ?", [sae_id, feature]
         )

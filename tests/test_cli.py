@@ -57,6 +57,16 @@ def test_train_then_eval_json(tiny_model_dir, corpus_dir, tmp_path) -> None:
     for key in ("fvu", "mse", "l0", "dead_frac", "dense_frac", "ce_loss_recovered", "ce_loss_increase", "kl_div"):
         assert key in result
     assert result["l0"] == pytest.approx(4.0)
+    store = tmp_path / "features.duckdb"
+    an = saelab("analyze", str(out), "--tokens", "256", "--store", str(store), "--n_top", "3", "--name", "tiny")
+    assert an.returncode == 0, an.stderr[-2000:]
+    assert "features 64" in an.stdout and "model forward" in an.stdout
+    from saelab.store import FeatureStore
+
+    with FeatureStore(store) as fs:
+        info = fs.sae("tiny")
+        assert info.eval["l0"] == pytest.approx(4.0) and info.params["n_top"] == 3
+        assert "fvu" in fs.train_metrics("tiny")
 
 
 @pytest.mark.parametrize(
@@ -79,6 +89,10 @@ def test_unknown_option_and_missing_config(tmp_path, capsys) -> None:
     assert "config file not found" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
     assert "cfg.json is missing" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path), "--store", str(tmp_path / "s.duckdb")]) == 2
+    assert "cfg.json is missing" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path), "--n_top", "0"]) == 2
+    assert "n_top must be >= 1" in capsys.readouterr().err
 
 
 def test_help_shows_field_docs(capsys) -> None:

@@ -1,0 +1,17 @@
+"""The benchmark scripts run end to end at toy sizes (their timings are not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_store_query_bench_runs() -> None:
+    cmd = [sys.executable, str(ROOT / "bench" / "store_query.py"), "--features", "300", "--queries", "5", "--no-save"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| feature dashboard | 5 |" in done.stdout
+    assert "| feature-list page (50 rows) | 5 |" in done.stdout
