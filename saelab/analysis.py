@@ -14,6 +14,7 @@ Signed SAEs (abstopk) rank, band and take quantiles by |activation| and keep sig
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -470,6 +471,8 @@ class Analyzer:
             t_written = time.perf_counter()
         self.timings = timings | {"publish_s": time.perf_counter() - t_written}
         shutil.rmtree(self.work, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the per-store work dir, once no other SAE's spill is in it
+            self.work.parent.rmdir()
         with FeatureStore(store_path) as reader:
             return reader.sae(self.sae_id)
 
