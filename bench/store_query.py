@@ -3,7 +3,7 @@
 Builds the store through `FeatureStore.writer` (the same Arrow bulk path the analysis uses), then
 times the typed reads the app makes, on a fresh read-only connection:
 
-    python bench/store_query.py                       # full size (a ~1 GB store in a temp dir)
+    python bench/store_query.py                       # full size (a ~560 MiB store in a temp dir)
     python bench/store_query.py --features 4096       # smaller
     python bench/store_query.py --store s.duckdb --keep
 
