@@ -57,6 +57,25 @@ def test_train_and_eval_smollm2_on_shakespeare(tmp_path) -> None:
     assert result["ce_loss_clean"] < result["ce_loss_sae"] < result["ce_loss_zero_ablation"]
     assert 0.0 < result["fvu"] < 1.0
 
+    from saelab.store import FeatureStore
+
+    store = tmp_path / "features.duckdb"
+    an = subprocess.run(
+        [sys.executable, "-m", "saelab.cli", "analyze", str(out), "--tokens", "1024", "--store", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert an.returncode == 0, an.stderr[-3000:]
+    with FeatureStore(store) as fs:
+        info = fs.sae("run")
+        assert (info.d_sae, info.n_tokens + info.n_outliers) == (4608, 1024)
+        top = fs.feature_list("run", sort="max_act", limit=1).rows[0]
+        dash = fs.dashboard("run", top.feature)
+        assert dash.top_examples[0].act == pytest.approx(top.max_act)
+        assert len(dash.promoted) == 10 and all(isinstance(t, str) for t, _ in dash.promoted)
+        assert " the" in fs.vocab("smollm2-135m")
+
 
 def test_log_probs_match_transformers() -> None:
     """Whichever TransformerLens major is installed, the model computes what transformers computes."""
@@ -72,3 +91,8 @@ def test_log_probs_match_transformers() -> None:
         ours = model.run_with_hooks(toks).log_softmax(-1)
         theirs = hf(toks).logits.log_softmax(-1)
     assert (ours - theirs).abs().max().item() < 1e-3
+    # Logit effects of a direction: the final RMSNorm's gain, then the unembedding.
+    d = torch.randn(3, 576)
+    with torch.no_grad():
+        want = (d * hf.model.norm.weight) @ hf.get_output_embeddings().weight.T
+    assert torch.allclose(model.direction_logits(d), want, atol=1e-3, rtol=1e-4)
