@@ -87,7 +87,7 @@ def reconstruction_metrics(sae: SAE, acts: Tensor, batch_size: int = 4096) -> di
     return stats.metrics()
 
 
-def _next_token_logprobs(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+def next_token_logprobs(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """(log-softmax [B, T-1, V], CE per position [B, T-1]) for next-token prediction."""
     logp = logits[:, :-1].float().log_softmax(-1)
     ce = -logp.gather(-1, tokens[:, 1:, None].to(logp.device)).squeeze(-1)
@@ -132,14 +132,14 @@ def spliced_metrics(
 
     for start in tqdm(range(0, len(sequences), batch_size), desc="eval (SAE spliced in)", unit="batch"):
         toks = sequences[start : start + batch_size]
-        logp_clean, ce = _next_token_logprobs(model.run_with_hooks(toks), toks)
+        logp_clean, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
         sums["ce_clean"] += float(ce.sum())
         p_clean = logp_clean.exp()
         runs = [("sae", splice(True)), ("zero", splice(False, zero=True))]
         if all_tokens:
             runs.append(("all", splice(False, everywhere=True)))
         for name, fn in runs:
-            logp, ce = _next_token_logprobs(model.run_with_hooks(toks, [(hook, fn)]), toks)
+            logp, ce = next_token_logprobs(model.run_with_hooks(toks, [(hook, fn)]), toks)
             sums[f"ce_{name}"] += float(ce.sum())
             if name in ("sae", "all"):
                 sums["kl" if name == "sae" else "kl_all"] += float((p_clean * (logp_clean - logp)).sum())

@@ -19,6 +19,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT = "saelab-feature-store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE saelab_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -106,12 +107,41 @@ CREATE TABLE examples (
 CREATE TABLE vocab (model VARCHAR, token_id INTEGER, token VARCHAR, PRIMARY KEY (model, token_id));
 """
 
-TABLES = ("saes", "train_metrics", "features", "examples", "vocab")
+STEERING_TABLE = """
+-- Steering sweeps (schema v2): one row per (experiment, feature, strength), from saelab.steering.sweep.
+CREATE TABLE steering (
+    sae_id VARCHAR,
+    experiment VARCHAR,
+    feature INTEGER,
+    kind VARCHAR,             -- 'add' or 'clamp'
+    units VARCHAR,            -- 'raw' or 'max' (multiples of the feature's max activation)
+    strength DOUBLE,
+    ce_loss DOUBLE,           -- CE on held-out text with the intervention
+    ce_clean DOUBLE,
+    ce_increase DOUBLE,
+    kl DOUBLE,                -- KL(clean || steered) per predicted token
+    target_logprob DOUBLE,    -- mean log P(next token is one of `targets`) with the intervention
+    target_logprob_clean DOUBLE,
+    delta_logprob DOUBLE,
+    targets VARCHAR,          -- the target tokens, '|'-separated
+    created_at TIMESTAMP
+);
+"""
+SCHEMA += STEERING_TABLE
+
+MIGRATIONS = {1: STEERING_TABLE}
+"""SQL that takes a store from schema version v to v + 1 (applied by writers, in a copy)."""
+
+TABLES = ("saes", "train_metrics", "features", "examples", "vocab", "steering")
 PER_SAE_TABLES = ("saes", "train_metrics", "features", "examples")
 
 SORT_KEYS = ("feature", "n_fires", "density", "mean_act", "max_act", "neg_frac", "q50", "q90", "q99")
 """Columns the feature list can be sorted by (a whitelist: ORDER BY cannot take a parameter)."""
 
+STEERING_COLUMNS = (
+    "feature", "kind", "units", "strength", "ce_loss", "ce_clean", "ce_increase", "kl",
+    "target_logprob", "target_logprob_clean", "delta_logprob", "targets",
+)  # fmt: skip
 SUMMARY_COLUMNS = "feature, n_fires, density, mean_act, max_act, neg_frac, q50, q90, q99, label"
 
 
@@ -235,9 +265,15 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         if meta.get("format") != FORMAT:
             raise StoreError(f"{path} is not a saelab feature store (format {meta.get('format')!r})")
         version = int(meta.get("schema_version", -1))
-        if version != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION or version < min(MIGRATIONS):
             hint = "upgrade saelab to read it" if version > SCHEMA_VERSION else "re-run `saelab analyze` to rebuild it"
             raise StoreError(f"{path} has store schema v{version}; this saelab reads v{SCHEMA_VERSION}: {hint}")
+        if not read_only:
+            # Older stores are upgraded by writers only, and writers work on a copy, so a failed
+            # migration never touches the published file. Readers read older stores as they are.
+            for v in range(version, SCHEMA_VERSION):
+                con.execute(MIGRATIONS[v])
+            con.execute("UPDATE saelab_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
     except BaseException:
         con.close()
         raise
@@ -547,12 +583,59 @@ class FeatureStore:
             values.append(value)
         return out
 
+    def max_acts(self, sae_id: str) -> np.ndarray:
+        """Each feature's max |activation| [d_sae] (NaN where it never fired): the scale of `units='max'`."""
+        info = self.sae(sae_id)
+        out = np.full(info.d_sae, np.nan)
+        for f, m in self._rows("SELECT feature, max_act FROM features WHERE sae_id = ?", [sae_id]):
+            out[f] = np.nan if m is None else m
+        return out
+
+    def _has_table(self, table: str) -> bool:
+        return bool(self._rows("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table])[0][0])
+
+    def put_steering(self, sae_id: str, experiment: str, df: Any) -> None:
+        """Store a `saelab.steering.sweep` DataFrame as `experiment`, replacing one of the same name."""
+        self._require_writable()
+        self.sae(sae_id)
+        cols = [c for c in STEERING_COLUMNS if c in df.columns]
+        missing = {"feature", "strength", "kind"} - set(cols)
+        if missing:
+            raise StoreError(f"steering results need columns {sorted(missing)}")
+        self._con.execute("DELETE FROM steering WHERE sae_id = ? AND experiment = ?", [sae_id, experiment])
+        table = pa.Table.from_pandas(df[cols], preserve_index=False)
+        table = table.append_column("sae_id", pa.array([sae_id] * len(df), pa.string()))
+        table = table.append_column("experiment", pa.array([experiment] * len(df), pa.string()))
+        table = table.append_column("created_at", pa.array([datetime.now()] * len(df), pa.timestamp("us")))
+        self.append("steering", table)
+
+    def steering_experiments(self, sae_id: str) -> list[str]:
+        """Names of the steering experiments stored for an SAE."""
+        self.sae(sae_id)
+        if not self._has_table("steering"):
+            return []
+        return [
+            r[0] for r in self._rows("SELECT DISTINCT experiment FROM steering WHERE sae_id = ? ORDER BY 1", [sae_id])
+        ]
+
+    def steering(self, sae_id: str, experiment: str) -> Any:
+        """One steering experiment as a DataFrame (feature, strength, costs, effects)."""
+        if experiment not in self.steering_experiments(sae_id):
+            raise StoreError(
+                f"no steering experiment {experiment!r} for {sae_id!r}; stored: {self.steering_experiments(sae_id)}"
+            )
+        return self.query(
+            f"SELECT {', '.join(STEERING_COLUMNS)} FROM steering WHERE sae_id = ? AND experiment = ?"
+            " ORDER BY feature, strength",
+            [sae_id, experiment],
+        )
+
     def export_parquet(self, out_dir: str | Path) -> list[Path]:
         """Write every table to `out_dir/<table>.parquet`; returns the files written."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = []
-        for table in ("saelab_meta", *TABLES):
+        for table in ("saelab_meta", *(t for t in TABLES if self._has_table(t))):
             dest = out / f"{table}.parquet"
             # COPY takes no bound parameter for its target; the path is quoted as an SQL literal.
             literal = "'" + str(dest).replace("'", "''") + "'"

@@ -1,0 +1,404 @@
+"""Steering: add, clamp or ablate SAE features (or add any vector) inside the model, and measure it.
+
+Interventions are plain values; `intervene(model, [...])` attaches them as forward hooks for the
+duration of a `with` block and always removes them. Several interventions, on one or several hook
+points, compose in the order given.
+
+- `Add(sae, features, strength)`: add strength x the feature's decoder direction to the residual
+  stream, in activation units (`units="raw"`) or in multiples of the feature's typical max
+  activation (`units="max"`, with `max_acts` from the feature store: `FeatureStore.max_acts`).
+- `Clamp(sae, features, values)`: set the features' activations through the SAE while keeping its
+  reconstruction error, so only those features change: x + (value - a_f) * W_dec[f] / act_scale.
+- `Ablate(sae, features)`: clamp to zero.
+- `AddVector(hook_name, vector, strength)`: add any direction, e.g. `diff_in_means(...)`, the
+  supervised baseline the AbsTopK paper compares SAE steering against.
+
+Like the SAE splice in `saelab.evals`, SAE interventions leave massive-norm tokens (attention sinks)
+untouched. Signed SAEs (abstopk) accept negative strengths and clamp values, steering both ways.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab.activations import keep_mask
+from saelab.evals import next_token_logprobs
+from saelab.models import LanguageModel
+from saelab.sae import SAE
+
+Features = int | Sequence[int]
+Amounts = float | Sequence[float]
+
+
+def _as_list(x: Any) -> list:
+    if isinstance(x, Tensor):
+        return x.reshape(-1).tolist()
+    return list(x) if isinstance(x, (list, tuple, range)) else [x]
+
+
+def _feature_ids(sae: SAE, features: Features) -> list[int]:
+    ids = []
+    for f in _as_list(features):
+        try:
+            if isinstance(f, bool):
+                raise TypeError
+            i = operator.index(f)
+        except TypeError:
+            raise ValueError(f"feature ids are integers, got {f!r}") from None
+        if not 0 <= i < sae.d_sae:
+            raise ValueError(f"feature {i} is out of range: the SAE has features 0 .. {sae.d_sae - 1}")
+        ids.append(i)
+    if not ids:
+        raise ValueError("no features given")
+    return ids
+
+
+def _amounts(values: Amounts, n: int, what: str) -> list[float]:
+    vals = [float(v) for v in _as_list(values)]
+    if len(vals) == 1:
+        vals *= n
+    if len(vals) != n:
+        raise ValueError(f"{len(vals)} {what}s for {n} features; give one, or one per feature")
+    bad = [v for v in vals if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{what} must be finite, got {bad[0]}")
+    return vals
+
+
+def _hook_of(sae: SAE, hook_name: str | None) -> str:
+    trained = sae.cfg.hook_name
+    if hook_name and trained and hook_name != trained:
+        raise ValueError(f"this SAE was trained on {trained!r}; it has no meaning at hook {hook_name!r}")
+    hook = hook_name or trained
+    if not hook:
+        raise ValueError("the SAE's cfg names no hook point; pass hook_name=")
+    return hook
+
+
+def _directions(sae: SAE, ids: list[int]) -> Tensor:
+    """Decoder rows in the model's units: activation a of feature f adds a * W_dec[f] / act_scale."""
+    return sae.W_dec[ids].detach() / sae.act_scale
+
+
+@dataclass(frozen=True)
+class Add:
+    """Add `strength` x each feature's decoder direction (see the module docstring for `units`)."""
+
+    sae: SAE
+    features: Features
+    strength: Amounts
+    units: str = "raw"
+    """'raw' (activation units) or 'max' (multiples of each feature's typical max activation)."""
+    max_acts: Any = None
+    """Per-feature max activations [d_sae] for units='max' (`FeatureStore.max_acts(sae_id)`)."""
+    hook_name: str | None = None
+
+    def hook(self) -> str:
+        """Hook point this intervention acts on."""
+        return _hook_of(self.sae, self.hook_name)
+
+    def delta(self) -> Tensor:
+        """The vector [d_in] added at every ordinary token."""
+        ids = _feature_ids(self.sae, self.features)
+        amounts = torch.tensor(_amounts(self.strength, len(ids), "strength"), dtype=self.sae.W_dec.dtype)
+        if self.units == "max":
+            if self.max_acts is None:
+                raise ValueError("units='max' needs max_acts (for example FeatureStore.max_acts(sae_id))")
+            maxes = torch.as_tensor(self.max_acts, dtype=amounts.dtype)
+            if maxes.shape != (self.sae.d_sae,):
+                raise ValueError(f"max_acts must have shape [{self.sae.d_sae}], got {tuple(maxes.shape)}")
+            amounts = amounts * maxes[ids].nan_to_num(0.0)
+        elif self.units != "raw":
+            raise ValueError(f"units must be 'raw' or 'max', got {self.units!r}")
+        return amounts.to(self.sae.W_dec.device) @ _directions(self.sae, ids)
+
+    def apply(self, act: Tensor) -> Tensor:
+        """The activations [..., d] with the intervention applied."""
+        keep = keep_mask(act, self.sae.cfg.exclude_norm_above)
+        return act + keep[..., None] * self.delta().to(act.dtype)
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """Set features' activations to `values` through the SAE, keeping its reconstruction error."""
+
+    sae: SAE
+    features: Features
+    values: Amounts
+    hook_name: str | None = None
+
+    def hook(self) -> str:
+        """Hook point this intervention acts on."""
+        return _hook_of(self.sae, self.hook_name)
+
+    def targets(self) -> tuple[list[int], Tensor]:
+        """Feature ids and the activation each is set to."""
+        ids = _feature_ids(self.sae, self.features)
+        vals = _amounts(self.values, len(ids), "clamp value")
+        if not self.sae.sparsifier.signed and min(vals) < 0:
+            raise ValueError(
+                f"clamp values must be >= 0 for a {self.sae.cfg.sparsifier} SAE (its features never go negative)"
+            )
+        return ids, torch.tensor(vals, dtype=self.sae.W_dec.dtype, device=self.sae.W_dec.device)
+
+    def apply(self, act: Tensor) -> Tensor:
+        """The activations [..., d] with the chosen features set and everything else kept."""
+        ids, new = self.targets()
+        flat = act.reshape(-1, act.shape[-1])
+        keep = keep_mask(flat, self.sae.cfg.exclude_norm_above)
+        x = flat[keep].to(self.sae.W_dec.device)
+        current = self.sae.encode(x)[:, ids]
+        delta = (new - current) @ _directions(self.sae, ids)
+        out = flat.clone()
+        out[keep] = (x + delta).to(flat.dtype)
+        return out.view_as(act)
+
+
+def Ablate(sae: SAE, features: Features, hook_name: str | None = None) -> Clamp:
+    """Zero features through the SAE, keeping its reconstruction error (a `Clamp` to 0)."""
+    return Clamp(sae, features, 0.0, hook_name)
+
+
+@dataclass(frozen=True)
+class AddVector:
+    """Add `strength` x `vector` [d] at a hook point (e.g. a difference-in-means direction)."""
+
+    hook_name: str
+    vector: Tensor
+    strength: float = 1.0
+
+    def hook(self) -> str:
+        """Hook point this intervention acts on."""
+        return self.hook_name
+
+    def apply(self, act: Tensor) -> Tensor:
+        """The activations [..., d] plus strength x vector."""
+        (strength,) = _amounts(self.strength, 1, "strength")
+        if self.vector.shape != act.shape[-1:]:
+            raise ValueError(
+                f"vector has shape {tuple(self.vector.shape)}; hook {self.hook_name!r} has width {act.shape[-1]}"
+            )
+        return act + strength * self.vector.to(act.device, act.dtype)
+
+
+Intervention = Add | Clamp | AddVector
+
+
+def _validate(model: LanguageModel, interventions: Sequence[Intervention]) -> dict[str, list[Intervention]]:
+    by_hook: dict[str, list[Intervention]] = {}
+    for iv in interventions:
+        hook = iv.hook()
+        model.check_hook(hook)
+        sae = getattr(iv, "sae", None)
+        if sae is not None and model.hook_width(hook) != sae.d_in:
+            raise ValueError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} (width {model.hook_width(hook)})")
+        # Build once now, so bad feature ids, strengths or shapes fail before the model runs.
+        if isinstance(iv, Add):
+            iv.delta()
+        elif isinstance(iv, Clamp):
+            iv.targets()
+        else:
+            iv.apply(torch.zeros(model.hook_width(hook)))
+        by_hook.setdefault(hook, []).append(iv)
+    return by_hook
+
+
+@contextlib.contextmanager
+def intervene(model: LanguageModel, interventions: Sequence[Intervention]) -> Iterator[None]:
+    """Apply `interventions` to every forward pass of `model` inside the block; hooks always come off."""
+    by_hook = _validate(model, interventions)
+
+    def make(ivs: list[Intervention]) -> Any:
+        def fn(act: Tensor, hook: Any) -> Tensor:
+            with torch.no_grad():
+                for iv in ivs:
+                    act = iv.apply(act)
+            return act
+
+        return fn
+
+    with model.hooked([(hook, make(ivs)) for hook, ivs in by_hook.items()]):
+        yield
+
+
+@torch.no_grad()
+def diff_in_means(
+    model: LanguageModel,
+    hook_name: str,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    exclude_norm_above: float = 0.0,
+) -> Tensor:
+    """Mean activation over the tokens of the `positive` prompts minus that of the `negative` ones [d].
+
+    Tokens with norms above `exclude_norm_above` (> 0) are left out, so attention sinks do not dominate.
+    """
+    means = []
+    for name, prompts in (("positive", positive), ("negative", negative)):
+        rows = []
+        for ids in model.tokenize(list(prompts)):
+            if ids:
+                acts = model.activations(torch.tensor([ids]), hook_name)[0].float()
+                rows.append(acts[keep_mask(acts, exclude_norm_above)])
+        if not rows or not sum(len(r) for r in rows):
+            raise ValueError(f"no tokens in the {name} prompts")
+        means.append(torch.cat(rows).mean(0))
+    return means[0] - means[1]
+
+
+@torch.no_grad()
+def generate(
+    model: LanguageModel,
+    prompt: str,
+    max_new_tokens: int = 30,
+    interventions: Sequence[Intervention] = (),
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
+    """Continue `prompt` (greedy when temperature is 0, else sampled with `seed`); returns the new text."""
+    tokens = torch.tensor([model.tokenize([prompt])[0]])
+    if tokens.numel() == 0:
+        raise ValueError("empty prompt")
+    n_prompt = tokens.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    with intervene(model, interventions):
+        for _ in range(max_new_tokens):
+            logits = model.run_with_hooks(tokens)[0, -1].float().cpu()
+            if temperature > 0:
+                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt[None]], dim=1)
+            if int(nxt) == model.tokenizer.eos_token_id:
+                break
+    return model.tokenizer.decode(tokens[0, n_prompt:])
+
+
+def side_by_side(
+    model: LanguageModel,
+    prompts: Sequence[str],
+    interventions: Sequence[Intervention],
+    max_new_tokens: int = 30,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[dict[str, str]]:
+    """Each prompt's continuation without and with the interventions, under the same seed."""
+    rows = []
+    for prompt in prompts:
+        clean = generate(model, prompt, max_new_tokens, (), temperature, seed)
+        steered = generate(model, prompt, max_new_tokens, interventions, temperature, seed)
+        rows.append({"prompt": prompt, "clean": clean, "steered": steered})
+    return rows
+
+
+def _target_logprob(logp: Tensor, targets: Sequence[int]) -> Tensor:
+    """log P(next token in targets) at each position: logsumexp over the target ids."""
+    return logp[..., list(targets)].logsumexp(-1)
+
+
+@torch.no_grad()
+def steering_effects(
+    model: LanguageModel,
+    sequences: Tensor,
+    settings: dict[Any, Sequence[Intervention]],
+    targets: dict[Any, Sequence[int]] | None = None,
+    batch_size: int = 4,
+) -> dict[Any, dict[str, float]]:
+    """Cost and effect of each setting (name -> interventions) on held-out `sequences` [n, T].
+
+    Cost: CE loss and KL(clean || steered) per predicted token. Effect: the mean change in log P(next
+    token is one of the setting's `targets`). The clean pass runs once per batch and is shared.
+    """
+    for ivs in settings.values():
+        _validate(model, ivs)
+    sums = {name: {"ce": 0.0, "kl": 0.0, "target": 0.0, "target_clean": 0.0} for name in settings}
+    ce_clean = 0.0
+    n = 0
+    for start in tqdm(range(0, len(sequences), batch_size), desc="steering effects", unit="batch", leave=False):
+        toks = sequences[start : start + batch_size]
+        logp_clean, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
+        ce_clean += float(ce.sum())
+        n += ce.numel()
+        p_clean = logp_clean.exp()
+        for name, ivs in settings.items():
+            with intervene(model, ivs):
+                logp, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
+            s = sums[name]
+            s["ce"] += float(ce.sum())
+            s["kl"] += float((p_clean * (logp_clean - logp)).sum())
+            if targets and name in targets:
+                s["target"] += float(_target_logprob(logp, targets[name]).sum())
+                s["target_clean"] += float(_target_logprob(logp_clean, targets[name]).sum())
+    out = {}
+    for name, s in sums.items():
+        row = {
+            "ce_loss": s["ce"] / n,
+            "ce_clean": ce_clean / n,
+            "ce_increase": (s["ce"] - ce_clean) / n,
+            "kl": s["kl"] / n,
+        }
+        if targets and name in targets:
+            row |= {
+                "target_logprob": s["target"] / n,
+                "target_logprob_clean": s["target_clean"] / n,
+                "delta_logprob": (s["target"] - s["target_clean"]) / n,
+            }
+        out[name] = row
+    return out
+
+
+@torch.no_grad()
+def promoted_tokens(model: LanguageModel, sae: SAE, feature: int, n: int = 5) -> list[int]:
+    """Token ids the feature's decoder direction most promotes through the unembedding."""
+    (f,) = _feature_ids(sae, feature)
+    return model.direction_logits(_directions(sae, [f])).topk(n, dim=-1).indices[0].tolist()
+
+
+def sweep(
+    model: LanguageModel,
+    sae: SAE,
+    features: Sequence[int],
+    strengths: Sequence[float],
+    sequences: Tensor,
+    kind: str = "add",
+    units: str = "raw",
+    max_acts: Any = None,
+    n_targets: int = 5,
+    batch_size: int = 4,
+) -> Any:
+    """Steer with each feature at each strength; a tidy DataFrame with one row per (feature, strength).
+
+    kind 'add' adds strength x the decoder direction (`units` as in `Add`); 'clamp' sets the feature
+    to `strength` through the SAE. Targets are each feature's `n_targets` most promoted tokens.
+    """
+    import pandas as pd
+
+    if kind not in ("add", "clamp"):
+        raise ValueError(f"kind must be 'add' or 'clamp', got {kind!r}")
+    ids = _feature_ids(sae, list(features))
+    _amounts(list(strengths), len(strengths), "strength")
+    settings: dict[Any, list[Intervention]] = {}
+    targets: dict[Any, list[int]] = {}
+    for f in ids:
+        for s in strengths:
+            iv = Add(sae, f, s, units, max_acts) if kind == "add" else Clamp(sae, f, s)
+            settings[(f, s)] = [iv]
+            targets[(f, s)] = promoted_tokens(model, sae, f, n_targets)
+    effects = steering_effects(model, sequences, settings, targets, batch_size)
+    vocab = model.tokenizer
+    rows = [
+        {"feature": f, "strength": s, "kind": kind, "units": units if kind == "add" else "raw"}
+        | effects[(f, s)]
+        | {"targets": "|".join(vocab.decode([t]) for t in targets[(f, s)])}
+        for f, s in settings
+    ]
+    return pd.DataFrame(rows)
