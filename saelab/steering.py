@@ -237,10 +237,13 @@ def diff_in_means(
     positive: Sequence[str],
     negative: Sequence[str],
     exclude_norm_above: float = 0.0,
+    last_token_only: bool = False,
 ) -> Tensor:
-    """Mean activation over the tokens of the `positive` prompts minus that of the `negative` ones [d].
+    """Mean activation over the `positive` prompts minus that over the `negative` ones [d].
 
-    Tokens with norms above `exclude_norm_above` (> 0) are left out, so attention sinks do not dominate.
+    Averages every token of each prompt, or only each prompt's last token (`last_token_only`, for
+    prompts that end where the concept is). Tokens with norms above `exclude_norm_above` (> 0) are
+    left out, so attention sinks do not dominate the means.
     """
     means = []
     for name, prompts in (("positive", positive), ("negative", negative)):
@@ -248,9 +251,10 @@ def diff_in_means(
         for ids in model.tokenize(list(prompts)):
             if ids:
                 acts = model.activations(torch.tensor([ids]), hook_name)[0].float()
+                acts = acts[-1:] if last_token_only else acts
                 rows.append(acts[keep_mask(acts, exclude_norm_above)])
         if not rows or not sum(len(r) for r in rows):
-            raise ValueError(f"no tokens in the {name} prompts")
+            raise ValueError(f"no usable tokens in the {name} prompts")
         means.append(torch.cat(rows).mean(0))
     return means[0] - means[1]
 
