@@ -243,12 +243,25 @@ def _edges(max_act: float, n: int) -> list[float]:
     return [max_act * i / n for i in range(n + 1)]
 
 
+def _sql_literal(path: Path) -> str:
+    """A file path as an SQL string literal (ATTACH and COPY take no bound parameter for it)."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     """Connect and check that the file is a saelab store of this schema version (or empty, to write)."""
     if read_only and not path.exists():
         raise StoreError(f"no feature store at {path}; build one with `saelab analyze RUN_DIR --store {path}`")
     try:
-        con = duckdb.connect(str(path), read_only=read_only)
+        if read_only:
+            # duckdb.connect(path) shares one cached database per path within a process, so a reader
+            # would keep seeing a replaced file while any other connection to it stays open.
+            # Attaching to a private in-memory database reads the file that is at `path` now.
+            con = duckdb.connect(":memory:")
+            con.execute(f"ATTACH {_sql_literal(path)} AS store (READ_ONLY)")
+            con.execute("USE store")
+        else:
+            con = duckdb.connect(str(path))
     except duckdb.Error as e:
         raise StoreError(f"{path} is not a readable DuckDB database: {e}") from e
     try:
@@ -637,8 +650,6 @@ class FeatureStore:
         written = []
         for table in ("saelab_meta", *(t for t in TABLES if self._has_table(t))):
             dest = out / f"{table}.parquet"
-            # COPY takes no bound parameter for its target; the path is quoted as an SQL literal.
-            literal = "'" + str(dest).replace("'", "''") + "'"
-            self.con.execute(f"COPY (SELECT * FROM {table}) TO {literal} (FORMAT PARQUET)").fetchall()
+            self.con.execute(f"COPY (SELECT * FROM {table}) TO {_sql_literal(dest)} (FORMAT PARQUET)").fetchall()
             written.append(dest)
         return written

@@ -71,6 +71,19 @@ def test_reader_during_write_sees_the_old_complete_store(store_path) -> None:
     reader.close()
 
 
+def test_every_reader_in_a_process_sees_a_published_write(store_path) -> None:
+    # DuckDB caches one database per path in a process; readers must not be pinned to the old file.
+    first, second = FeatureStore(store_path), FeatureStore(store_path)
+    with FeatureStore.writer(store_path) as w:
+        w.set_label("run-topk", 2, "new")
+    with FeatureStore(store_path) as third:
+        assert third.dashboard("run-topk", 2).summary.label == "new"
+    assert first.dashboard("run-topk", 2).summary.label == "new"
+    assert second.dashboard("run-topk", 2).summary.label == "new"
+    first.close()
+    second.close()
+
+
 def test_failed_write_publishes_nothing(store_path) -> None:
     before = store_path.read_bytes()
     with pytest.raises(RuntimeError, match="boom"), FeatureStore.writer(store_path) as w:
