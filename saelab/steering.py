@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -40,7 +41,7 @@ Amounts = float | Sequence[float]
 
 
 def _as_list(x: Any) -> list:
-    if isinstance(x, Tensor):
+    if isinstance(x, (Tensor, np.ndarray)):
         return x.reshape(-1).tolist()
     return list(x) if isinstance(x, (list, tuple, range)) else [x]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,7 +105,7 @@ def test_add_in_max_units_and_vectors_agree(tiny_model, toks) -> None:
     torch.testing.assert_close(in_max, raw)
     torch.testing.assert_close(vec, raw)
     # Two features at once equal their summed directions.
-    both = logits(tiny_model, toks, [Add(sae, [3, 4], [1.0, -2.0])])
+    both = logits(tiny_model, toks, [Add(sae, np.array([3, 4]), torch.tensor([1.0, -2.0]))])
     direction = (sae.W_dec[3] - 2 * sae.W_dec[4]) / sae.act_scale
     torch.testing.assert_close(both, logits(tiny_model, toks, [AddVector(HOOK, direction)]))
 
