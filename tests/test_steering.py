@@ -169,3 +169,14 @@ def test_sae_without_hook_point(tiny_model, toks) -> None:
     with pytest.raises(ValueError, match="names no hook point"):
         logits(tiny_model, toks, [Add(sae, 1, 1.0)])
     logits(tiny_model, toks, [Add(sae, 1, 1.0, hook_name=HOOK)])
+
+
+def test_interventions_at_several_hook_points_compose(tiny_model, toks) -> None:
+    v0, v1 = torch.randn(32), torch.randn(32)
+    first, second = AddVector("blocks.0.hook_resid_post", v0, 3.0), AddVector(HOOK, v1, 3.0)
+    together = logits(tiny_model, toks, [first, second])
+    with intervene(tiny_model, [first]), intervene(tiny_model, [second]):
+        nested = tiny_model.run_with_hooks(toks)
+    assert torch.equal(together, nested)
+    assert not torch.allclose(together, logits(tiny_model, toks, [first]))
+    assert not torch.allclose(together, logits(tiny_model, toks, [second]))
