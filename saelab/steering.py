@@ -323,6 +323,8 @@ def steering_effects(
     Cost: CE loss and KL(clean || steered) per predicted token. Effect: the mean change in log P(next
     token is one of the setting's `targets`). The clean pass runs once per batch and is shared.
     """
+    if sequences.ndim != 2 or sequences.shape[0] == 0 or sequences.shape[1] < 2:
+        raise ValueError(f"sequences must be token ids [n >= 1, T >= 2], got shape {tuple(sequences.shape)}")
     for ivs in settings.values():
         _validate(model, ivs)
     sums = {name: {"ce": 0.0, "kl": 0.0, "target": 0.0, "target_clean": 0.0} for name in settings}

@@ -164,6 +164,16 @@ def test_bad_input_is_refused_before_the_model_runs(tiny_model, toks, make, mess
     assert not ran
 
 
+def test_effects_need_token_sequences(tiny_model) -> None:
+    for bad in (
+        torch.zeros(0, 8, dtype=torch.long),
+        torch.zeros(3, 1, dtype=torch.long),
+        torch.zeros(5, dtype=torch.long),
+    ):
+        with pytest.raises(ValueError, match="sequences must be token ids"):
+            steering_effects(tiny_model, bad, {"none": []})
+
+
 def test_sae_without_hook_point(tiny_model, toks) -> None:
     sae = SAE(SAEConfig(d_in=32, d_sae=40, k=4))
     with pytest.raises(ValueError, match="names no hook point"):
