@@ -76,6 +76,10 @@ class SAEConfig:
     hook_name: str = ""
     """Hook point the SAE reads, e.g. blocks.12.hook_resid_post (metadata, SAELens convention)."""
 
+    n_sources: int = 1
+    """Activation sources sharing one code: 1 = an SAE; more = a crosscoder (saelab.crosscoder), each
+    source of width d_in (layers of one model, or one layer of several models)."""
+
     def __post_init__(self) -> None:
         from saelab.ops import BACKENDS
         from saelab.sparsifiers import SPARSIFIERS
@@ -85,6 +89,8 @@ class SAEConfig:
         for name in ("d_in", "d_sae", "auxk_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_sources < 1:
+            raise ConfigError(f"n_sources must be >= 1, got {self.n_sources}")
         if self.expansion_factor < 1:
             raise ConfigError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
         if self.candidate_factor < 1:

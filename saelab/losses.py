@@ -20,13 +20,14 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-def l1_decoder_weighted(acts: Tensor, W_dec: Tensor) -> Tensor:
-    """Sum over latents of |f_i| * ||W_dec[i]||, averaged over tokens.
+def l1_decoder_weighted(acts: Tensor, decoder_norms: Tensor) -> Tensor:
+    """Sum over latents of |f_i| * decoder_norms[i], averaged over tokens.
 
     Weighting by the decoder norm stops the SAE from shrinking activations and growing decoder rows
-    to dodge the penalty, so no unit-norm constraint is needed.
+    to dodge the penalty, so no unit-norm constraint is needed. A crosscoder passes the sum of its
+    per-source decoder norms, which is what favours source-specific latents.
     """
-    return (acts.abs() * W_dec.norm(dim=1)).sum(-1).mean()
+    return (acts.abs() * decoder_norms).sum(-1).mean()
 
 
 def residual_fit_loss(

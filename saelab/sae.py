@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -63,20 +64,30 @@ class SAE(nn.Module):
     mode they apply their per-token inference rule.
     """
 
+    multi_source: ClassVar[bool] = False
+    """Whether the class reads several activation sources (`CrossCoder`)."""
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         if cfg.d_in <= 0 or cfg.d_sae <= 0:
             raise ConfigError(f"SAE needs d_in and d_sae > 0 (got {cfg.d_in}, {cfg.d_sae}); call cfg.resolve(d_in)")
+        if cfg.n_sources > 1 and not self.multi_source:
+            raise ConfigError(
+                f"n_sources = {cfg.n_sources} describes a crosscoder: use saelab.crosscoder.CrossCoder "
+                "(SAE.load picks it for a saved one)"
+            )
         self.cfg = cfg
         self.sparsifier = make_sparsifier(cfg)
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in)
+        width = cfg.n_sources * cfg.d_in
+        W_dec = torch.randn(cfg.d_sae, width)
         # Unit rows for the top-k family; small rows for relu so early L1 does not dominate.
         W_dec *= (1.0 if self.sparsifier.unit_norm_decoder else 0.1) / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-        self.register_buffer("act_scale", torch.ones(()))
+        self.b_dec = nn.Parameter(torch.zeros(width))
+        # One scale for an SAE; one per input dimension for a crosscoder (set per source).
+        self.register_buffer("act_scale", torch.ones(()) if cfg.n_sources == 1 else torch.ones(width))
 
     @property
     def d_in(self) -> int:
@@ -95,6 +106,10 @@ class SAE(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         return x.reshape(-1, self.d_in).to(self.W_enc.dtype) * self.act_scale
+
+    def _lead_shape(self, x: Tensor) -> tuple[int, ...]:
+        """Shape of the token dimensions of an input (everything but the feature axis)."""
+        return tuple(x.shape[:-1])
 
     @property
     def k_aux(self) -> int:
@@ -127,7 +142,7 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations as a dense [..., d_sae] tensor."""
-        return self.encode_code(x).dense(self.d_sae).reshape(*x.shape[:-1], self.d_sae)
+        return self.encode_code(x).dense(self.d_sae).reshape(*self._lead_shape(x), self.d_sae)
 
     def encode_sparse(self, x: Tensor) -> SparseCode:
         """Feature activations as `SparseCode(values [N, K], indices [N, K])` with inputs flattened."""
@@ -187,7 +202,7 @@ class SAE(nn.Module):
         loss = mse
         aux: dict[str, Tensor] = {}
         if not sp.unit_norm_decoder:
-            aux["l1"] = losses.l1_decoder_weighted(code.values, self.W_dec)
+            aux["l1"] = losses.l1_decoder_weighted(code.values, self.decoder_norms())
             loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
         if aux_scales:
             resid = (xs - recon).detach()
@@ -203,6 +218,21 @@ class SAE(nn.Module):
             l0=code.l0().detach(),
             aux={k: v.detach() for k, v in aux.items()},
         )
+
+    def decoder_norms(self) -> Tensor:
+        """Per-latent decoder norm [d_sae] that weights the L1 penalty."""
+        return self.W_dec.norm(dim=1)
+
+    @torch.no_grad()
+    def initialise(self, x: Tensor, median_samples: int) -> None:
+        """Set the input scale (mean norm -> sqrt(d_in)) and b_dec (geometric median) from a sample [N, d_in]."""
+        from saelab.trainer import geometric_median
+
+        xs = self._flat(x.float())  # scaled by the current act_scale (1 before initialisation)
+        x = xs / self.act_scale
+        self.act_scale.fill_(math.sqrt(self.d_in) / x.norm(dim=1).mean().clamp_min(1e-8))
+        if median_samples:
+            self.b_dec.copy_(geometric_median(x[:median_samples] * self.act_scale))
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:
@@ -231,6 +261,10 @@ class SAE(nn.Module):
         """Load an SAE written by `save`, with clear errors for missing, corrupt or mismatched files."""
         path = Path(path)
         cfg = read_sae_config(path)
+        if cfg.n_sources > 1 and not cls.multi_source:
+            from saelab.crosscoder import CrossCoder
+
+            cls = CrossCoder
         sae = cls(cfg)
         load_state(sae, path / WEIGHTS_FILE)
         return sae.to(device)

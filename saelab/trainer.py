@@ -79,11 +79,7 @@ class Trainer:
     @torch.no_grad()
     def initialise(self, x: Tensor) -> None:
         """Set the input scale (mean norm -> sqrt(d_in)) and b_dec (geometric median) from a sample."""
-        x = x.float().to(self.device)
-        self.sae.act_scale.fill_(math.sqrt(self.sae.d_in) / x.norm(dim=1).mean().clamp_min(1e-8))
-        n = self.cfg.geometric_median_samples
-        if n:
-            self.sae.b_dec.copy_(geometric_median(x[:n] * self.sae.act_scale))
+        self.sae.initialise(x.to(self.device), self.cfg.geometric_median_samples)
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for `dead_after_tokens` training tokens."""

@@ -97,7 +97,7 @@ def test_relu_l1_is_weighted_by_decoder_norms() -> None:
     acts = torch.tensor([[1.0, 0.0, 2.0]])
     W_dec = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.5]])  # row norms 5, 1, 0.5
     # |1| * 5 + |0| * 1 + |2| * 0.5 = 6
-    assert l1_decoder_weighted(acts, W_dec).item() == pytest.approx(6.0)
+    assert l1_decoder_weighted(acts, W_dec.norm(dim=1)).item() == pytest.approx(6.0)
 
 
 def test_auxk_selection_uses_only_dead_latents() -> None:

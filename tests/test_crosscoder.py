@@ -1,0 +1,140 @@
+"""Crosscoders: shapes, save/load, source checks, Latent Scaling, and planted-feature diffing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab import SAE, SAEConfig, TrainConfig
+from saelab.activations import ArrayActivations
+from saelab.config import ConfigError
+from saelab.crosscoder import CrossCoder, source_activations
+from saelab.diffing import CLASSES, classify, decoder_cosines, latent_scaling, relative_norms
+from saelab.trainer import Trainer
+
+
+def test_shapes_save_and_load(tmp_path) -> None:
+    torch.manual_seed(0)
+    cc = CrossCoder(SAEConfig(d_in=8, d_sae=24, n_sources=2, sparsifier="batchtopk", k=3))
+    x = torch.randn(50, 2, 8)
+    cc.initialise(x, 32)
+    cc.eval()
+    out = cc(x)
+    assert out.recon.shape == (50, 2, 8) and cc.decode(cc.encode(x)).shape == (50, 2, 8)
+    assert cc.encode(x.reshape(50, 16)).shape == (50, 24)  # concatenated input works too
+    # Each source is scaled to mean norm sqrt(d_in) on its own.
+    scaled = (x * cc.act_scale.view(2, 8)).norm(dim=2).mean(0)
+    torch.testing.assert_close(scaled, torch.full((2,), 8**0.5))
+    cc.save(tmp_path / "cc")
+    back = SAE.load(tmp_path / "cc")  # the saved config says crosscoder, so SAE.load builds one
+    assert isinstance(back, CrossCoder) and back.n_sources == 2
+    back.eval()
+    torch.testing.assert_close(back(x).recon, out.recon)
+    with pytest.raises(ConfigError, match="describes a crosscoder"):
+        SAE(SAEConfig(d_in=8, d_sae=24, n_sources=2, k=3))
+    with pytest.raises(ValueError, match=r"n_sources = 2, d_in = 8"):
+        cc.encode(torch.randn(5, 2, 7))
+
+
+def test_l1_weights_by_summed_source_norms() -> None:
+    cc = CrossCoder(SAEConfig(d_in=2, d_sae=2, n_sources=2, sparsifier="relu"))
+    with torch.no_grad():
+        cc.W_dec.copy_(torch.tensor([[3.0, 4.0, 0.0, 1.0], [0.0, 0.0, 0.6, 0.8]]))
+    # Latent 0 writes norm 5 to source A and 1 to B: weight 6 (the SAE would use sqrt(26)); latent 1: 0 + 1.
+    torch.testing.assert_close(cc.decoder_norms(), torch.tensor([6.0, 1.0]))
+
+
+def test_source_activations_check_width_and_tokenizer(tiny_model, tiny_model_dir, tmp_path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from saelab.models import load_model
+
+    toks = torch.tensor([tiny_model.tokenize(["To be, or not to be"])[0]])
+    hooks = [(tiny_model, "blocks.0.hook_resid_post"), (tiny_model, "blocks.1.hook_resid_post")]
+    acts = source_activations(hooks, toks)
+    assert acts.shape == (1, toks.shape[1], 2, 32)
+    torch.testing.assert_close(acts[..., 1, :], tiny_model.activations(toks, "blocks.1.hook_resid_post"))
+    # A model of another width (same tokenizer) cannot share a crosscoder with the tiny one.
+    wide_dir = tmp_path / "wide"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(wide_dir)
+    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
+    cfg.hidden_size, cfg.intermediate_size = 48, 96
+    LlamaForCausalLM(cfg).save_pretrained(wide_dir)
+    wide = load_model(str(wide_dir), device="cpu")
+    with pytest.raises(ValueError, match=r"different widths.*32.*48"):
+        source_activations([(tiny_model, "blocks.1.hook_resid_post"), (wide, "blocks.1.hook_resid_post")], toks)
+    # A model with another tokenizer would see different tokens for the same ids.
+    other_dir = tmp_path / "other"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other_dir)
+    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
+    cfg.vocab_size = len(tok)
+    LlamaForCausalLM(cfg).save_pretrained(other_dir)
+    other = load_model(str(other_dir), device="cpu")
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        source_activations([(tiny_model, "blocks.1.hook_resid_post"), (other, "blocks.1.hook_resid_post")], toks)
+
+
+def test_latent_scaling_matches_least_squares() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, d, d_sae = 40, 6, 5
+    acts = torch.rand(n, d_sae, generator=g) * (torch.rand(n, d_sae, generator=g) < 0.5)
+    acts[:, 4] = 0  # a latent that never fires has no scale
+    dirs = torch.randn(d_sae, d, generator=g)
+    y = torch.randn(n, d, generator=g)
+    betas = latent_scaling(acts, dirs, y)
+    for j in range(4):
+        # min_beta || beta * f_j d_j^T - Y ||_F^2 as an ordinary least-squares problem in one unknown.
+        A = (acts[:, j, None].double() * dirs[j].double()).reshape(-1, 1)
+        want = torch.linalg.lstsq(A, y.reshape(-1, 1).double()).solution.item()
+        assert betas[j].item() == pytest.approx(want, rel=1e-9)
+    assert torch.isnan(betas[4])
+
+
+def planted_pair(n: int, d: int, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Two sources from one sparse code: shared features write to both, A-only / B-only to one."""
+    g = torch.Generator().manual_seed(seed)
+    n_feat = 3 * per_class
+    labels = [CLASSES[1]] * per_class + [CLASSES[0]] * per_class + [CLASSES[2]] * per_class
+    dirs = torch.randn(n_feat, 2, d, generator=g)
+    dirs /= dirs.norm(dim=2, keepdim=True)
+    dirs[per_class : 2 * per_class, 1] = 0  # A-only
+    dirs[2 * per_class :, 0] = 0  # B-only
+    active = torch.rand(n, n_feat, generator=g) < 3 / n_feat
+    f = active * (0.5 + torch.rand(n, n_feat, generator=g))
+    x = torch.einsum("nf,fsd->nsd", f, dirs)
+    return x, dirs, labels
+
+
+def classify_planted(cc: CrossCoder, dirs: torch.Tensor) -> list[str | None]:
+    """Each planted feature's matched latent (cosine >= 0.9 over both sources) and its class."""
+    dec = (cc.W_dec.detach() / cc.act_scale).view(cc.d_sae, 2, -1)
+    flat = torch.nn.functional.normalize(dec.reshape(cc.d_sae, -1), dim=1)
+    truth = torch.nn.functional.normalize(dirs.reshape(len(dirs), -1), dim=1)
+    best = (truth @ flat.T).max(dim=1)
+    labels = classify(relative_norms(cc))
+    return [labels[j] if c >= 0.9 else None for c, j in zip(best.values.tolist(), best.indices.tolist(), strict=True)]
+
+
+@pytest.mark.parametrize(("sparsifier", "extra"), [("relu", {"l1_coeff": 0.3}), ("batchtopk", {"k": 4})])
+def test_planted_features_are_recovered_and_classified(sparsifier, extra, tmp_path) -> None:
+    x, dirs, truth = planted_pair(24_000, 16, per_class=12)
+    cfg = TrainConfig(
+        out_dir=str(tmp_path), batch_size=512, epochs=15, lr=3e-3, warmup_steps=20, checkpoint_every=0,
+        dead_after_tokens=20_000, geometric_median_samples=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cc = CrossCoder(SAEConfig(d_in=16, d_sae=72, n_sources=2, sparsifier=sparsifier, **extra))
+    Trainer(cfg, cc, ArrayActivations(x.reshape(len(x), -1), seed=0)).fit()
+    predicted = classify_planted(cc, dirs)
+    lines = [f"{sparsifier}: class      precision  recall"]
+    for c in CLASSES:
+        hits = sum(p == c and t == c for p, t in zip(predicted, truth, strict=True))
+        said = sum(p == c for p in predicted)
+        recall, precision = hits / truth.count(c), hits / max(said, 1)
+        lines.append(f"{sparsifier}: {c:<10} {precision:9.2f}  {recall:6.2f}")
+        assert recall >= 0.8 and precision >= 0.8, (c, precision, recall)
+    print("\n".join(lines))
+    cos = decoder_cosines(cc)
+    assert cos.shape == (72,) and torch.isfinite(cos).all()
