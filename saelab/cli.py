@@ -1,5 +1,5 @@
 """Command line: `saelab train --config FILE [--key value ...]`, `saelab eval RUN_DIR [--json]`,
-`saelab analyze RUN_DIR --tokens N [--store PATH]`."""
+`saelab analyze RUN_DIR --tokens N [--store PATH]`, `saelab finetune --out DIR`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,16 @@ def _cmd_analyze(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from saelab.finetune import finetune
+
+    out = finetune(
+        args.base, args.dataset, args.out, args.steps, args.batch_size, args.context_size, args.lr, seed=args.seed
+    )
+    print(f"fine-tuned model saved to {out} (load it with --data.model {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `saelab` argument parser."""
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and browse sparse autoencoders.")
@@ -103,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--name", default=None, help="id of the SAE in the store (default: the run directory's name)")
     an.add_argument("--tokens", dest="n_tokens", default=argparse.SUPPRESS, help="same as --n_tokens")
     _add_config_options(an, AnalysisConfig)
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on a corpus (a second model to diff against the base)",
+        description="Continue training a causal LM on a corpus and save it as a Hugging Face directory.",
+    )
+    ft.add_argument("--base", default="smollm2-135m", help="model to start from (default: the offline default)")
+    ft.add_argument("--dataset", default="kjv", help="corpus (default: kjv, the offline King James bible)")
+    ft.add_argument("--out", required=True, help="output directory")
+    ft.add_argument("--steps", type=int, default=200, help="optimiser steps")
+    ft.add_argument("--batch_size", type=int, default=8, help="sequences per step")
+    ft.add_argument("--context_size", type=int, default=128, help="tokens per sequence")
+    ft.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
+    ft.add_argument("--seed", type=int, default=0, help="seed for data order")
     return parser
 
 
@@ -118,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
             return _cmd_train(args, overrides)
+        if args.command == "finetune":
+            return _cmd_finetune(args)
         if args.command == "analyze":
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir", "store", "name")}
             return _cmd_analyze(args, overrides)

@@ -138,3 +138,29 @@ def test_planted_features_are_recovered_and_classified(sparsifier, extra, tmp_pa
     print("\n".join(lines))
     cos = decoder_cosines(cc)
     assert cos.shape == (72,) and torch.isfinite(cos).all()
+
+
+def test_finetune_makes_a_diffable_pair(tiny_model, tiny_model_dir, corpus_dir, tmp_path) -> None:
+    import json
+
+    from saelab.cli import main
+    from saelab.crosscoder import check_sources
+    from saelab.evals import next_token_logprobs
+    from saelab.models import load_model
+
+    out = tmp_path / "tuned"
+    args = ["finetune", "--base", str(tiny_model_dir), "--dataset", str(corpus_dir), "--out", str(out)]
+    assert main([*args, "--steps", "4", "--batch_size", "2", "--context_size", "16", "--lr", "1e-3"]) == 0
+    assert len(json.loads((out / "finetune.json").read_text())["loss"]) == 4
+    tuned = load_model(str(out), device="cpu")
+    toks = torch.tensor([tiny_model.tokenize([(corpus_dir / "doc0.txt").read_text()[:400]])[0]])
+
+    @torch.no_grad()
+    def ce(model) -> float:
+        return float(next_token_logprobs(model.run_with_hooks(toks), toks)[1].mean())
+
+    assert ce(tuned) < ce(tiny_model)  # four small steps on the corpus already lower its loss
+    pair = [(tiny_model, "blocks.1.hook_resid_post"), (tuned, "blocks.1.hook_resid_post")]
+    assert check_sources(pair) == 32
+    assert main(["finetune", "--base", str(tiny_model_dir), "--dataset", str(corpus_dir), "--out", str(out),
+                 "--steps", "0"]) == 2  # fmt: skip
