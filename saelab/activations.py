@@ -23,7 +23,7 @@ import glob
 import importlib.util
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -132,6 +132,34 @@ def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens
     return seqs[: -(-max_tokens // ctx)]
 
 
+def check_sources(sources: Sequence[tuple[LanguageModel, str]]) -> int:
+    """Check that (model, hook) sources can share a crosscoder; returns their common width.
+
+    Every hook must exist and have the same width, and every model must use the same tokenizer
+    (the same ids must mean the same text, since all sources read the same token ids).
+    """
+    if len(sources) < 2:
+        raise ValueError(f"a crosscoder needs at least 2 sources, got {len(sources)}")
+    widths = {f"{m.name}:{h}": m.hook_width(h) for m, h in sources}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"sources have different widths, so one crosscoder cannot read them: {widths}")
+    vocab = sources[0][0].tokenizer.get_vocab()
+    for model, _ in sources[1:]:
+        if model.tokenizer.get_vocab() != vocab:
+            raise ValueError(
+                f"tokenizers differ between {sources[0][0].name} and {model.name}: paired sources must read "
+                "identical tokens"
+            )
+    return next(iter(widths.values()))
+
+
+@torch.no_grad()
+def source_activations(sources: Sequence[tuple[LanguageModel, str]], tokens: Tensor) -> Tensor:
+    """Activations of every (model, hook) source on the same tokens [B, T] -> [B, T, n_sources, d]."""
+    check_sources(sources)
+    return torch.stack([model.activations(tokens, hook).float().cpu() for model, hook in sources], dim=-2)
+
+
 def norm_threshold(acts: Tensor, factor: float) -> float:
     """Absolute norm above which a token counts as massive: `factor` x the median norm (0 = none)."""
     if factor <= 0:
@@ -165,13 +193,16 @@ class ModelActivations:
         n_tokens: int | None = None,
         seed: int = 0,
         threshold: float | None = None,
+        extra_sources: Sequence[tuple[LanguageModel, str]] = (),
     ):
         model.check_hook(hook_name)
         self.model, self.hook_name, self.sequences = model, hook_name, sequences
+        self.sources = [(model, hook_name), *extra_sources]
         self.model_batch_size = model_batch_size
         self.factor = exclude_norm_factor
         self.buffer_tokens = buffer_tokens
-        self.d_in = model.hook_width(hook_name)
+        width = check_sources(self.sources) if extra_sources else model.hook_width(hook_name)
+        self.d_in = width * len(self.sources)
         self.n_tokens = n_tokens or sequences.numel()
         self.seed = seed
         self.threshold = threshold
@@ -182,8 +213,12 @@ class ModelActivations:
     def token_batches(self) -> Iterator[Tensor]:
         """Kept activations [m, d] per model batch (m varies with exclusions)."""
         for start in range(0, len(self.sequences), self.model_batch_size):
-            acts = self.model.activations(self.sequences[start : start + self.model_batch_size], self.hook_name)
-            acts = acts.reshape(-1, acts.shape[-1]).float().cpu()
+            toks = self.sequences[start : start + self.model_batch_size]
+            if len(self.sources) > 1:  # sources side by side; the outlier rule reads their joint norm
+                acts = source_activations(self.sources, toks)
+            else:
+                acts = self.model.activations(toks, self.hook_name)
+            acts = acts.reshape(-1, self.d_in).float().cpu()
             if self.threshold is None:
                 self.threshold = norm_threshold(acts, self.factor)
             keep = keep_mask(acts, self.threshold)
@@ -275,6 +310,12 @@ class ArrayActivations:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 
+def _load(name: str, device: str) -> LanguageModel:
+    from saelab.models import load_model
+
+    return load_model(name, device)
+
+
 class ActivationCache:
     """Activations harvested once to disk as float16 `.npy` shards, memory-mapped for reading.
 
@@ -322,7 +363,8 @@ class ActivationCache:
             "holdout_every",
             "exclude_norm_factor",
         )
-        return {f: getattr(cfg, f) for f in fields} | {"seed": seed, "format": CACHE_FORMAT}
+        key = {f: getattr(cfg, f) for f in fields} | {"seed": seed, "format": CACHE_FORMAT}
+        return key | ({"cross_sources": cfg.cross_sources} if cfg.cross_sources else {})
 
     @classmethod
     def open_or_harvest(cls, model_loader: Any, cfg: DataConfig, path: str | Path, seed: int = 0) -> ActivationCache:
@@ -351,6 +393,9 @@ class ActivationCache:
         tmp.mkdir(parents=True)
         # Over-provision sequences for the tokens the norm filter will drop.
         seqs = token_sequences(model, cfg, "train", int(cfg.n_tokens * 1.05) + cfg.context_size, seed)
+        extra = [
+            (model if name == cfg.model else _load(name, cfg.device), hook) for name, hook in cfg.source_specs()[1:]
+        ]
         src = ModelActivations(
             model,
             cfg.hook_name,
@@ -360,6 +405,7 @@ class ActivationCache:
             cfg.buffer_tokens,
             n_tokens=cfg.n_tokens,
             seed=seed,
+            extra_sources=extra,
         )
         shards: list[str] = []
         pending: list[Tensor] = []
@@ -391,7 +437,8 @@ class ActivationCache:
         meta = {
             "key": cls.key(cfg, seed),
             "n_tokens": written,
-            "d_in": src.d_in,
+            "d_in": src.d_in // len(src.sources),
+            "n_sources": len(src.sources),
             "dtype": "float16",
             "shards": shards,
             "norm_threshold": src.threshold or 0.0,

@@ -148,6 +148,18 @@ class DataConfig:
     buffer_tokens: int = 65_536
     """Size of the shuffling buffer that mixes activations across sequences (live source only)."""
 
+    cross_sources: str = ""
+    """Further sources read on the same tokens, which makes the run train a crosscoder: comma-separated
+    'MODEL@HOOK' (another model, same tokenizer: model diffing) or 'HOOK' (another layer of `model`)."""
+
+    def source_specs(self) -> list[tuple[str, str]]:
+        """(model, hook) of every source: the main one first, then `cross_sources`."""
+        specs = [(self.model, self.hook_name)]
+        for item in filter(None, (part.strip() for part in self.cross_sources.split(","))):
+            model, _, hook = item.rpartition("@")
+            specs.append((model or self.model, hook))
+        return specs
+
     cache_dir: str = ""
     """Directory of the on-disk activation cache ('' = <out_dir>/activations); reused when it matches."""
 
@@ -160,6 +172,9 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.exclude_norm_factor < 0:
             raise ConfigError(f"data.exclude_norm_factor must be >= 0, got {self.exclude_norm_factor}")
+        specs = self.source_specs()
+        if any(not hook for _, hook in specs) or len(set(specs)) != len(specs):
+            raise ConfigError(f"data.cross_sources must name distinct MODEL@HOOK or HOOK sources, got {specs}")
 
 
 @dataclass

@@ -16,13 +16,11 @@ trainer and checkpoints unchanged; what differs:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from saelab.config import ConfigError, SAEConfig
-from saelab.models import LanguageModel
 from saelab.sae import SAE
 
 
@@ -89,31 +87,3 @@ class CrossCoder(SAE):
         self.act_scale.copy_(scale.repeat_interleave(self.d_source))
         if median_samples:
             self.b_dec.copy_(geometric_median(raw[:median_samples] * self.act_scale))
-
-
-def check_sources(sources: Sequence[tuple[LanguageModel, str]]) -> int:
-    """Check that (model, hook) sources can share a crosscoder; returns their common width.
-
-    Every hook must exist and have the same width, and every model must use the same tokenizer
-    (the same ids must mean the same text, since all sources read the same token ids).
-    """
-    if len(sources) < 2:
-        raise ValueError(f"a crosscoder needs at least 2 sources, got {len(sources)}")
-    widths = {f"{m.name}:{h}": m.hook_width(h) for m, h in sources}
-    if len(set(widths.values())) > 1:
-        raise ValueError(f"sources have different widths, so one crosscoder cannot read them: {widths}")
-    vocab = sources[0][0].tokenizer.get_vocab()
-    for model, _ in sources[1:]:
-        if model.tokenizer.get_vocab() != vocab:
-            raise ValueError(
-                f"tokenizers differ between {sources[0][0].name} and {model.name}: paired sources must read "
-                "identical tokens"
-            )
-    return next(iter(widths.values()))
-
-
-@torch.no_grad()
-def source_activations(sources: Sequence[tuple[LanguageModel, str]], tokens: Tensor) -> Tensor:
-    """Activations of every (model, hook) source on the same tokens [B, T] -> [B, T, n_sources, d]."""
-    check_sources(sources)
-    return torch.stack([model.activations(tokens, hook).float().cpu() for model, hook in sources], dim=-2)

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,12 +243,20 @@ def train(cfg: TrainConfig) -> Path:
     sae_cfg = cfg.sae.resolve(int(cache.meta["d_in"]))
     sae_cfg.model_name, sae_cfg.hook_name = cfg.data.model, cfg.data.hook_name
     sae_cfg.exclude_norm_above = cache.threshold
+    sae_cfg.n_sources = int(cache.meta.get("n_sources", 1))
     torch.manual_seed(cfg.seed)
-    sae = SAE(sae_cfg)
+    if sae_cfg.n_sources > 1:
+        from saelab.crosscoder import CrossCoder
+
+        sae: SAE = CrossCoder(sae_cfg)
+    else:
+        sae = SAE(sae_cfg)
     (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     Trainer(cfg, sae, cache.source(cfg.seed), out).fit()
     sae.save(out)
-    if cfg.eval_tokens:
+    if cfg.eval_tokens and sae_cfg.n_sources > 1:
+        print("crosscoder trained; its evaluation with the model spliced in is not implemented yet", file=sys.stderr)
+    elif cfg.eval_tokens:
         from saelab.evals import evaluate_run
 
         evaluate_run(out, get_model(), cfg.data, cfg.eval_tokens)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from saelab import SAE, SAEConfig, TrainConfig
-from saelab.activations import ArrayActivations
+from saelab.activations import ArrayActivations, source_activations
 from saelab.config import ConfigError
-from saelab.crosscoder import CrossCoder, source_activations
+from saelab.crosscoder import CrossCoder
 from saelab.diffing import CLASSES, classify, decoder_cosines, latent_scaling, relative_norms
 from saelab.trainer import Trainer
 
@@ -143,8 +144,8 @@ def test_planted_features_are_recovered_and_classified(sparsifier, extra, tmp_pa
 def test_finetune_makes_a_diffable_pair(tiny_model, tiny_model_dir, corpus_dir, tmp_path) -> None:
     import json
 
+    from saelab.activations import check_sources
     from saelab.cli import main
-    from saelab.crosscoder import check_sources
     from saelab.evals import next_token_logprobs
     from saelab.models import load_model
 
@@ -164,3 +165,21 @@ def test_finetune_makes_a_diffable_pair(tiny_model, tiny_model_dir, corpus_dir, 
     assert check_sources(pair) == 32
     assert main(["finetune", "--base", str(tiny_model_dir), "--dataset", str(corpus_dir), "--out", str(out),
                  "--steps", "0"]) == 2  # fmt: skip
+
+
+def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_dir, tmp_path) -> None:
+    from test_cli import tiny_args
+
+    from saelab.activations import ActivationCache
+    from saelab.cli import main
+
+    out = tmp_path / "cc"
+    args = [*tiny_args(tiny_model_dir, corpus_dir, out), "--sae.sparsifier", "batchtopk"]
+    assert main(["train", *args, "--data.cross_sources", "blocks.0.hook_resid_post"]) == 0
+    cc = SAE.load(out)
+    assert isinstance(cc, CrossCoder) and (cc.n_sources, cc.d_source, cc.d_sae) == (2, 32, 64)
+    cache = ActivationCache(out / "activations")
+    assert (cache.meta["n_sources"], cache.meta["d_in"]) == (2, 32)
+    x = cache.source().rows(np.arange(8)).view(8, 2, 32)
+    assert cc(x).recon.shape == (8, 2, 32)
+    assert main(["train", *args, "--data.cross_sources", "blocks.1.hook_resid_post"]) == 2
