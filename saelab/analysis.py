@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import __version__
-from saelab.activations import keep_mask, token_sequences
+from saelab.activations import check_sources, keep_mask, source_activations, token_sequences
 from saelab.config import AnalysisConfig, DataConfig, to_dict
 from saelab.evals import data_config_for, density_histogram
 from saelab.models import LanguageModel
@@ -107,11 +107,18 @@ class Analyzer:
         work_dir: str | Path,
         sae_id: str,
         run_dir: str | Path = "",
+        extra_sources: Sequence[tuple[LanguageModel, str]] = (),
     ):
         hook = sae.cfg.hook_name or data.hook_name
-        width = model.hook_width(hook)
-        if width != sae.d_in:
-            raise ValueError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} of {model.name} (width {width})")
+        self.sources = [(model, hook), *extra_sources]
+        if len(self.sources) != sae.cfg.n_sources:
+            raise ValueError(f"the SAE reads {sae.cfg.n_sources} source(s); {len(self.sources)} given")
+        width = check_sources(self.sources) if extra_sources else model.hook_width(hook)
+        if width * len(self.sources) != sae.d_in:
+            raise ValueError(
+                f"SAE d_in = {sae.d_in} does not match {len(self.sources)} x hook {hook!r} "
+                f"of {model.name} (width {width})"
+            )
         self.sae, self.model, self.data, self.cfg = sae.eval(), model, data, cfg
         self.hook, self.sae_id, self.run_dir = hook, sae_id, Path(run_dir) if run_dir else None
         self.work = Path(work_dir)
@@ -134,6 +141,7 @@ class Analyzer:
             "format": WORK_FORMAT,
             "sae": sae_hash,
             "hook": self.hook,
+            "sources": [f"{m.name}@{h}" for m, h in self.sources],
             "data": to_dict(self.data),
             "n_tokens": self.cfg.n_tokens,
             "model_batch_size": self.cfg.model_batch_size,
@@ -182,9 +190,11 @@ class Analyzer:
             todo, desc=f"analyze {self.sae_id}: model + SAE", unit="chunk", initial=n_chunks - len(todo), total=n_chunks
         ):
             t0 = time.perf_counter()
-            acts = self.model.activations(
-                torch.from_numpy(np.asarray(tokens[i * B : (i + 1) * B], dtype=np.int64)), self.hook
-            )
+            toks = torch.from_numpy(np.asarray(tokens[i * B : (i + 1) * B], dtype=np.int64))
+            if len(self.sources) > 1:
+                acts = source_activations(self.sources, toks).flatten(-2)
+            else:
+                acts = self.model.activations(toks, self.hook)
             t1 = time.perf_counter()
             flat = acts.reshape(-1, acts.shape[-1]).to(device, torch.float32)
             keep = keep_mask(flat, self.sae.cfg.exclude_norm_above)
@@ -384,6 +394,9 @@ class Analyzer:
         W_dec = sae.W_dec.detach().float()
         # An activation a adds a * W_dec[f] / act_scale to the model's residual stream.
         dirs = W_dec / sae.act_scale.float()
+        per_source = dirs.view(sae.d_sae, len(self.sources), -1)
+        # A crosscoder latent's logit effect is read through the source it writes to most.
+        dominant = per_source.norm(dim=2).argmax(1)
         unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
         n_log, n_nb = cfg.n_logits, min(cfg.n_neighbours, sae.d_sae - 1)
         out = {
@@ -397,7 +410,7 @@ class Analyzer:
             leave=False,
         ):
             hi = min(lo + WEIGHT_BLOCK, sae.d_sae)
-            logits = self.model.direction_logits(dirs[lo:hi]).float().cpu()
+            logits = self._logits(per_source[lo:hi], dominant[lo:hi])
             pos = logits.topk(min(n_log, logits.shape[1]), dim=1)
             neg = (-logits).topk(min(n_log, logits.shape[1]), dim=1)
             out["pos_token_ids"].append(pos.indices.numpy())
@@ -413,6 +426,39 @@ class Analyzer:
             k: np.concatenate(v).astype(np.int32 if "ids" in k or k == "neighbours" else np.float32)
             for k, v in out.items()
         }
+
+    def _logits(self, per_source: torch.Tensor, dominant: torch.Tensor) -> torch.Tensor:
+        """Direct logit effects [n, vocab] of latents' directions [n, S, d], each through its dominant source."""
+        parts = {
+            s: self.sources[s][0].direction_logits(per_source[dominant == s, s]).float().cpu()
+            for s in dominant.unique().tolist()
+        }
+        out = torch.empty(len(per_source), next(iter(parts.values())).shape[1])
+        for s, part in parts.items():
+            out[dominant == s] = part
+        return out
+
+    @torch.no_grad()
+    def diffing_table(self) -> pa.Table:
+        """Per-latent source norms and, for two sources, the diffing metrics (saelab.diffing)."""
+        from saelab.diffing import classify, decoder_cosines, relative_norms
+
+        sae = self.sae
+        norms = (sae.W_dec.detach().float() / sae.act_scale.float()).view(sae.d_sae, len(self.sources), -1).norm(dim=2)
+        n = sae.d_sae
+        cols: dict[str, Any] = {
+            "sae_id": pa.array([self.sae_id] * n, pa.string()),
+            "feature": pa.array(np.arange(n, dtype=np.int32)),
+            "source_norms": list_column(norms.double().numpy().reshape(-1), np.full(n, len(self.sources))),
+        }
+        if len(self.sources) == 2:
+            rel = relative_norms(sae)
+            cols |= {
+                "rel_norm": pa.array(rel.double().numpy()),
+                "dec_cos": pa.array(decoder_cosines(sae).double().numpy()),
+                "diff_class": pa.array(classify(rel), pa.string()),
+            }
+        return pa.table(cols)
 
     def _vocab_texts(self) -> list[str]:
         tok = self.model.tokenizer
@@ -449,6 +495,8 @@ class Analyzer:
                     ),
                 )
             store.append("train_metrics", self._train_metrics())
+            if len(self.sources) > 1:
+                store.append("diffing", self.diffing_table())
             write_s += time.perf_counter() - t0
             blocks = self.blocks(tot["n_fires"])
             for lo, hi in tqdm(blocks, desc=f"analyze {self.sae_id}: features", unit="block"):
@@ -522,7 +570,8 @@ class Analyzer:
             "context_size": self.ctx,
             "cfg": to_dict(self.sae.cfg),
             "eval": json.loads(eval_path.read_text()) if eval_path and eval_path.is_file() else None,
-            "params": to_dict(self.cfg) | {"sequences": len(tokens)},
+            "params": to_dict(self.cfg)
+            | {"sequences": len(tokens), "sources": [f"{m.name}@{h}" for m, h in self.sources]},
             "density_edges": hist["log10_density_edges"],
             "density_counts": hist["counts"],
             "saelab_version": __version__,
@@ -582,5 +631,9 @@ def analyze(
     model = model or load_model(data.model, data.device)
     sae.to(model.device)
     sae_id = sae_id or run_dir.resolve().name
-    analyzer = Analyzer(sae, model, data, cfg, default_work_dir(store, sae_id), sae_id, run_dir)
+    # A crosscoder also reads the run's other sources (other layers, or other models on the same tokens).
+    extra = [
+        (model if name == data.model else load_model(name, data.device), hook) for name, hook in data.source_specs()[1:]
+    ]
+    analyzer = Analyzer(sae, model, data, cfg, default_work_dir(store, sae_id), sae_id, run_dir, extra)
     return analyzer.run(store, on_chunk)

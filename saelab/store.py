@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT = "saelab-feature-store"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE saelab_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -127,13 +127,27 @@ CREATE TABLE steering (
     created_at TIMESTAMP
 );
 """
-SCHEMA += STEERING_TABLE
+DIFFING_TABLE = """
+-- Crosscoders (schema v3): each latent's decoder norm per source and, for two sources, the
+-- model-diffing view (saelab.diffing): relative norm ||d_B|| / (||d_A|| + ||d_B||), the cosine
+-- between the two decoder directions, and the class it implies ('A-only', 'shared', 'B-only').
+CREATE TABLE diffing (
+    sae_id VARCHAR,
+    feature INTEGER,
+    source_norms DOUBLE[],
+    rel_norm DOUBLE,
+    dec_cos DOUBLE,
+    diff_class VARCHAR,
+    PRIMARY KEY (sae_id, feature)
+);
+"""
+SCHEMA += STEERING_TABLE + DIFFING_TABLE
 
-MIGRATIONS = {1: STEERING_TABLE}
+MIGRATIONS = {1: STEERING_TABLE, 2: DIFFING_TABLE}
 """SQL that takes a store from schema version v to v + 1 (applied by writers, in a copy)."""
 
-TABLES = ("saes", "train_metrics", "features", "examples", "vocab", "steering")
-PER_SAE_TABLES = ("saes", "train_metrics", "features", "examples")
+TABLES = ("saes", "train_metrics", "features", "examples", "vocab", "steering", "diffing")
+PER_SAE_TABLES = ("saes", "train_metrics", "features", "examples", "diffing")
 
 SORT_KEYS = ("feature", "n_fires", "density", "mean_act", "max_act", "neg_frac", "q50", "q90", "q99")
 """Columns the feature list can be sorted by (a whitelist: ORDER BY cannot take a parameter)."""
@@ -230,6 +244,11 @@ class FeatureDashboard:
     promoted: list[tuple[str, float]]
     suppressed: list[tuple[str, float]]
     neighbours: list[tuple[int, float]]
+    source_norms: list[float] | None = None
+    """Crosscoders: the latent's decoder norm in each source (None for an SAE)."""
+    rel_norm: float | None = None
+    dec_cos: float | None = None
+    diff_class: str | None = None
 
 
 def list_column(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
@@ -477,12 +496,18 @@ class FeatureStore:
         max_density: float | None = None,
         offset: int = 0,
         limit: int = 50,
+        diff_class: str | None = None,
     ) -> FeaturePage:
-        """A page of features filtered by firing density and sorted by one of `SORT_KEYS`."""
+        """A page of features filtered by firing density (and, for crosscoders, diffing class), sorted by `sort`."""
         self.sae(sae_id)
         if sort not in SORT_KEYS:
             raise StoreError(f"cannot sort by {sort!r}; choose one of {SORT_KEYS}")
         where, params = ["sae_id = ?"], [sae_id]
+        if diff_class is not None:
+            if not self._has_table("diffing"):
+                return FeaturePage(0, [])
+            where.append("feature IN (SELECT feature FROM diffing WHERE sae_id = ? AND diff_class = ?)")
+            params += [sae_id, diff_class]
         if min_density is not None:
             where.append("density >= ?")
             params.append(min_density)
@@ -532,7 +557,17 @@ class FeatureStore:
             promoted=list(zip(pos_t or [], pos_l or [], strict=True)),
             suppressed=list(zip(neg_t or [], neg_l or [], strict=True)),
             neighbours=list(zip(nb or [], nb_cos or [], strict=True)),
+            **self._diffing_row(sae_id, feature),
         )
+
+    def _diffing_row(self, sae_id: str, feature: int) -> dict[str, Any]:
+        if not self._has_table("diffing"):
+            return {}
+        rows = self._rows(
+            "SELECT source_norms, rel_norm, dec_cos, diff_class FROM diffing WHERE sae_id = ? AND feature = ?",
+            [sae_id, feature],
+        )
+        return dict(zip(("source_norms", "rel_norm", "dec_cos", "diff_class"), rows[0], strict=True)) if rows else {}
 
     def neighbours(self, sae_id: str, feature: int) -> list[tuple[int, float]]:
         """Nearest features by decoder cosine similarity, closest first."""
@@ -603,6 +638,29 @@ class FeatureStore:
         for f, m in self._rows("SELECT feature, max_act FROM features WHERE sae_id = ?", [sae_id]):
             out[f] = np.nan if m is None else m
         return out
+
+    def diffing(self, sae_id: str) -> Any:
+        """Per-latent diffing metrics of a crosscoder as a DataFrame (empty for an SAE)."""
+        self.sae(sae_id)
+        if not self._has_table("diffing"):
+            return self.query("SELECT NULL AS feature WHERE false")
+        return self.query(
+            "SELECT feature, source_norms, rel_norm, dec_cos, diff_class FROM diffing"
+            " WHERE sae_id = ? ORDER BY feature",
+            [sae_id],
+        )
+
+    def diffing_counts(self, sae_id: str) -> dict[str, int]:
+        """How many latents of a two-source crosscoder fall in each diffing class."""
+        self.sae(sae_id)
+        if not self._has_table("diffing"):
+            return {}
+        return dict(
+            self._rows(
+                "SELECT diff_class, count(*) FROM diffing WHERE sae_id = ? AND diff_class IS NOT NULL GROUP BY 1",
+                [sae_id],
+            )
+        )
 
     def _has_table(self, table: str) -> bool:
         return bool(self._rows("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table])[0][0])

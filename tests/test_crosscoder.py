@@ -183,3 +183,34 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
     x = cache.source().rows(np.arange(8)).view(8, 2, 32)
     assert cc(x).recon.shape == (8, 2, 32)
     assert main(["train", *args, "--data.cross_sources", "blocks.1.hook_resid_post"]) == 2
+    # The analysis reads both sources and stores the diffing view next to the usual feature data.
+    from saelab.activations import keep_mask, token_sequences
+    from saelab.evals import data_config_for
+    from saelab.models import load_model
+    from saelab.store import FeatureStore
+
+    store = tmp_path / "features.duckdb"
+    assert main(["analyze", str(out), "--tokens", "256", "--store", str(store), "--n_top", "3"]) == 0
+    with FeatureStore(store) as fs:
+        info = fs.sae("cc")
+        assert info.cfg["n_sources"] == 2 and len(info.params["sources"]) == 2
+        diff = fs.diffing("cc")
+        assert len(diff) == 64 and sum(fs.diffing_counts("cc").values()) == 64
+        np.testing.assert_allclose(diff["rel_norm"], relative_norms(cc).numpy(), rtol=1e-5)
+        assert diff["diff_class"].tolist() == classify(relative_norms(cc))
+        # Max activations match a brute-force pass over the same held-out tokens and both sources.
+        model = load_model(str(tiny_model_dir), device="cpu")
+        data = data_config_for(out, cc)
+        toks = token_sequences(model, data, "eval", 256)
+        x = source_activations([(model, "blocks.1.hook_resid_post"), (model, "blocks.0.hook_resid_post")], toks)
+        x = x.reshape(-1, 64)
+        cc.eval()
+        with torch.no_grad():
+            dense = cc.encode(x[keep_mask(x, cc.cfg.exclude_norm_above)])
+        rows = fs.feature_list("cc", sort="feature", descending=False, limit=64).rows
+        want = dense.max(0).values
+        for r in rows:
+            if r.n_fires:
+                assert r.max_act == pytest.approx(float(want[r.feature]), rel=1e-4)
+        dash = fs.dashboard("cc", rows[0].feature)
+        assert len(dash.source_norms) == 2 and dash.diff_class in CLASSES

@@ -150,24 +150,26 @@ def test_foreign_corrupt_missing_and_newer_files(tmp_path, store_path) -> None:
     con = duckdb.connect(str(store_path))
     con.execute("UPDATE saelab_meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(StoreError, match="schema v99; this saelab reads v2: upgrade saelab"):
+    with pytest.raises(StoreError, match="schema v99; this saelab reads v3: upgrade saelab"):
         FeatureStore(store_path)
 
 
 def test_older_store_is_read_as_is_and_upgraded_by_writers(store_path) -> None:
-    # A v1 store is a v2 store without the steering table.
+    # A v1 store is today's store without the steering (v2) and diffing (v3) tables.
     con = duckdb.connect(str(store_path))
     con.execute("DROP TABLE steering")
+    con.execute("DROP TABLE diffing")
     con.execute("UPDATE saelab_meta SET value = '1' WHERE key = 'schema_version'")
     con.close()
     with FeatureStore(store_path) as old:
         assert old.sae_ids() == ["run-relu", "run-topk"]
         assert old.dashboard("run-topk", 1).summary.feature == 1
         assert old.steering_experiments("run-topk") == []
+        assert old.diffing_counts("run-topk") == {} and old.dashboard("run-topk", 1).diff_class is None
     with FeatureStore.writer(store_path) as w:
         w.set_label("run-topk", 1, "upgraded")
     with FeatureStore(store_path) as new:
-        assert new.query("SELECT value FROM saelab_meta WHERE key = 'schema_version'")["value"][0] == "2"
+        assert new.query("SELECT value FROM saelab_meta WHERE key = 'schema_version'")["value"][0] == "3"
         assert new.steering_experiments("run-topk") == []
         assert new.dashboard("run-topk", 1).summary.label == "upgraded"
 
@@ -177,6 +179,6 @@ def test_export_parquet(built, tmp_path) -> None:
         files = store.export_parquet(tmp_path / "it's parquet")
         n_examples = store.query("SELECT count(*) AS n FROM examples")["n"][0]
     names = {f.name for f in files}
-    assert {"features.parquet", "examples.parquet", "saes.parquet", "vocab.parquet", "steering.parquet"} <= names
+    assert {"features.parquet", "examples.parquet", "saes.parquet", "vocab.parquet", "diffing.parquet"} <= names
     assert pq.read_table(tmp_path / "it's parquet" / "features.parquet").num_rows == 80
     assert pq.read_table(tmp_path / "it's parquet" / "examples.parquet").num_rows == n_examples
