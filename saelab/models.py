@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -52,10 +53,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _drop_gguf_quantization(config: Path) -> None:
+    """Remove the GGUF `quantization_config` a converted config inherits: the saved weights are plain
+    fp32, and with it transformers treats the model as quantized (and refuses to save fine-tunes)."""
+    raw = json.loads(config.read_text())
+    if raw.pop("quantization_config", None) is not None:
+        config.write_text(json.dumps(raw, indent=2))
+
+
 def offline_default_dir() -> Path:
     """Directory of the offline default model as safetensors, converting the shipped GGUF on first use."""
     out = saelab_home() / "models" / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").is_file():
+        _drop_gguf_quantization(out / "config.json")  # caches converted by saelab <= 0.1 kept it
         return out
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
@@ -79,6 +89,7 @@ def offline_default_dir() -> Path:
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     hf.config.architectures = ["LlamaForCausalLM"]
     hf.config.save_pretrained(tmp)
+    _drop_gguf_quantization(tmp / "config.json")
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

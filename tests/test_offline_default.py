@@ -86,6 +86,8 @@ def test_log_probs_match_transformers() -> None:
 
     model = load_model("smollm2-135m", device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(offline_default_dir())
+    # The converted weights are plain fp32: nothing marks them as GGUF-quantized (fine-tunes can be saved).
+    assert getattr(hf.config, "quantization_config", None) is None
     toks = torch.tensor([model.tokenize(["Now is the winter of our discontent made glorious summer."])[0]])
     with torch.no_grad():
         ours = model.run_with_hooks(toks).log_softmax(-1)
