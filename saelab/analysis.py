@@ -392,8 +392,7 @@ class Analyzer:
         """Logit effects through the unembedding and decoder-cosine neighbours of every feature."""
         cfg, sae = self.cfg, self.sae
         W_dec = sae.W_dec.detach().float()
-        # An activation a adds a * W_dec[f] / act_scale to the model's residual stream.
-        dirs = W_dec / sae.act_scale.float()
+        dirs = sae.decoder_directions().float()
         per_source = dirs.view(sae.d_sae, len(self.sources), -1)
         # A crosscoder latent's logit effect is read through the source it writes to most.
         dominant = per_source.norm(dim=2).argmax(1)
@@ -444,7 +443,7 @@ class Analyzer:
         from saelab.diffing import classify, decoder_cosines, relative_norms
 
         sae = self.sae
-        norms = (sae.W_dec.detach().float() / sae.act_scale.float()).view(sae.d_sae, len(self.sources), -1).norm(dim=2)
+        norms = sae.decoder_directions().float().view(sae.d_sae, len(self.sources), -1).norm(dim=2)
         n = sae.d_sae
         cols: dict[str, Any] = {
             "sae_id": pa.array([self.sae_id] * n, pa.string()),

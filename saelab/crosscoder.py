@@ -15,9 +15,6 @@ trainer and checkpoints unchanged; what differs:
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
 
 from saelab.config import ConfigError, SAEConfig
@@ -75,15 +72,3 @@ class CrossCoder(SAE):
     def decoder_norms(self) -> Tensor:
         """Sum over sources of each latent's decoder norm [d_sae] (the crosscoder L1 weight)."""
         return self.source_decoders().norm(dim=2).sum(1)
-
-    @torch.no_grad()
-    def initialise(self, x: Tensor, median_samples: int) -> None:
-        """Per-source input scales (mean norm -> sqrt(d_in) for every source) and b_dec from a sample."""
-        from saelab.trainer import geometric_median
-
-        raw = self._flat(x.float()) / self.act_scale
-        per_source = raw.view(len(raw), self.n_sources, self.d_source).norm(dim=2).mean(0).clamp_min(1e-8)
-        scale = math.sqrt(self.d_source) / per_source
-        self.act_scale.copy_(scale.repeat_interleave(self.d_source))
-        if median_samples:
-            self.b_dec.copy_(geometric_median(raw[:median_samples] * self.act_scale))

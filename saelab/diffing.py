@@ -40,7 +40,7 @@ def decoder_cosines(cc: CrossCoder, a: int = 0, b: int = 1) -> Tensor:
 
 def _model_unit_decoders(cc: CrossCoder) -> Tensor:
     """Decoder directions in each source's own units [d_sae, S, d]: W_dec / act_scale, per source."""
-    return (cc.W_dec.detach() / cc.act_scale).view(cc.d_sae, cc.n_sources, cc.d_source)
+    return cc.decoder_directions().view(cc.d_sae, cc.n_sources, cc.d_source)
 
 
 def classify(rel_norm: Tensor, low: float = 0.1, high: float = 0.9) -> list[str]:

@@ -12,7 +12,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,22 +19,7 @@ from tqdm.auto import tqdm
 
 from saelab.activations import token_sequences
 from saelab.config import DataConfig
-from saelab.models import OFFLINE_DEFAULT, offline_default_dir
-
-
-@dataclass
-class _Tokenizing:
-    """The two things `token_sequences` needs from a model, for a bare Hugging Face tokenizer."""
-
-    tokenizer: object
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-    @property
-    def eos_token_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        return int(eos if eos is not None else 0)
+from saelab.models import OFFLINE_DEFAULT, TextTokenizer, offline_default_dir
 
 
 def finetune(
@@ -69,7 +53,7 @@ def finetune(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     data = DataConfig(model=base, dataset=dataset, context_size=context_size)
-    seqs = token_sequences(_Tokenizing(tok), data, "train", steps * batch_size * context_size, seed)
+    seqs = token_sequences(TextTokenizer(tok), data, "train", steps * batch_size * context_size, seed)
     if len(seqs) < batch_size:
         raise ValueError(f"{dataset!r} gave only {len(seqs)} sequences of {context_size} tokens; need {batch_size}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -96,13 +96,30 @@ def offline_default_dir() -> Path:
     return out
 
 
-class LanguageModel:
+class TextTokenizer:
+    """A Hugging Face tokenizer seen through what corpus reading needs (`token_sequences`)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS (SmolLM2's BOS is a chat-turn marker)."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    @property
+    def eos_token_id(self) -> int:
+        """Token placed between documents when they are concatenated."""
+        eos = self.tokenizer.eos_token_id
+        return int(eos if eos is not None else 0)
+
+
+class LanguageModel(TextTokenizer):
     """A TransformerLens model (HookedTransformer or TransformerBridge) seen through saelab's needs."""
 
     def __init__(self, tl_model: Any, name: str):
+        super().__init__(tl_model.tokenizer)
         self.tl = tl_model
         self.name = name
-        self.tokenizer = tl_model.tokenizer
         self.d_model: int = tl_model.cfg.d_model
         self.n_layers: int = tl_model.cfg.n_layers
         self.device = next(tl_model.parameters()).device
@@ -156,16 +173,6 @@ class LanguageModel:
         """Layer index at which a forward pass can stop once `hook_name` has fired."""
         m = re.match(r"blocks\.(\d+)\.", hook_name)
         return int(m.group(1)) + 1 if m else None
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, without BOS (SmolLM2's BOS is a chat-turn marker)."""
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-    @property
-    def eos_token_id(self) -> int:
-        """Token placed between documents when they are concatenated."""
-        eos = self.tokenizer.eos_token_id
-        return int(eos if eos is not None else 0)
 
     def run_with_hooks(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -19,6 +20,19 @@ from saelab.sparsifiers import Code, make_sparsifier
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def check_feature_id(feature: Any, d_sae: int) -> int:
+    """`feature` as an int, or a ValueError saying why it is not a latent id of a d_sae-latent SAE."""
+    try:
+        if isinstance(feature, bool):
+            raise TypeError
+        index = operator.index(feature)
+    except TypeError:
+        raise ValueError(f"feature ids are integers, got {feature!r}") from None
+    if not 0 <= index < d_sae:
+        raise ValueError(f"feature {index} is out of range: the SAE has features 0 .. {d_sae - 1}")
+    return index
 
 
 class CheckpointError(RuntimeError):
@@ -219,20 +233,28 @@ class SAE(nn.Module):
             aux={k: v.detach() for k, v in aux.items()},
         )
 
+    def decoder_directions(self) -> Tensor:
+        """Decoder rows in the model's units [d_sae, d_in]: activation a of latent f adds a * row f."""
+        return self.W_dec.detach() / self.act_scale
+
     def decoder_norms(self) -> Tensor:
         """Per-latent decoder norm [d_sae] that weights the L1 penalty."""
         return self.W_dec.norm(dim=1)
 
     @torch.no_grad()
     def initialise(self, x: Tensor, median_samples: int) -> None:
-        """Set the input scale (mean norm -> sqrt(d_in)) and b_dec (geometric median) from a sample [N, d_in]."""
+        """Set the input scale and b_dec (geometric median) from a sample.
+
+        Each source (one for an SAE) is scaled so its mean norm is sqrt(cfg.d_in).
+        """
         from saelab.trainer import geometric_median
 
-        xs = self._flat(x.float())  # scaled by the current act_scale (1 before initialisation)
-        x = xs / self.act_scale
-        self.act_scale.fill_(math.sqrt(self.d_in) / x.norm(dim=1).mean().clamp_min(1e-8))
+        raw = self._flat(x.float()) / self.act_scale  # _flat applies the current scale
+        S, d = self.cfg.n_sources, self.cfg.d_in
+        scale = math.sqrt(d) / raw.view(len(raw), S, d).norm(dim=2).mean(0).clamp_min(1e-8)  # [S]
+        self.act_scale.copy_(scale.repeat_interleave(d) if self.act_scale.ndim else scale[0])
         if median_samples:
-            self.b_dec.copy_(geometric_median(x[:median_samples] * self.act_scale))
+            self.b_dec.copy_(geometric_median(raw[:median_samples] * self.act_scale))
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:
@@ -257,15 +279,19 @@ class SAE(nn.Module):
         (path / CFG_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE written by `save`, with clear errors for missing, corrupt or mismatched files."""
-        path = Path(path)
-        cfg = read_sae_config(path)
+    def from_config(cls, cfg: SAEConfig) -> SAE:
+        """A new SAE, or a `CrossCoder` when `cfg.n_sources` > 1."""
         if cfg.n_sources > 1 and not cls.multi_source:
             from saelab.crosscoder import CrossCoder
 
-            cls = CrossCoder
-        sae = cls(cfg)
+            return CrossCoder(cfg)
+        return cls(cfg)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        """Load an SAE written by `save`, with clear errors for missing, corrupt or mismatched files."""
+        path = Path(path)
+        sae = cls.from_config(read_sae_config(path))
         load_state(sae, path / WEIGHTS_FILE)
         return sae.to(device)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from saelab.activations import keep_mask
 from saelab.evals import next_token_logprobs
 from saelab.models import LanguageModel
-from saelab.sae import SAE
+from saelab.sae import SAE, check_feature_id
 
 Features = int | Sequence[int]
 Amounts = float | Sequence[float]
@@ -47,17 +46,7 @@ def _as_list(x: Any) -> list:
 
 
 def _feature_ids(sae: SAE, features: Features) -> list[int]:
-    ids = []
-    for f in _as_list(features):
-        try:
-            if isinstance(f, bool):
-                raise TypeError
-            i = operator.index(f)
-        except TypeError:
-            raise ValueError(f"feature ids are integers, got {f!r}") from None
-        if not 0 <= i < sae.d_sae:
-            raise ValueError(f"feature {i} is out of range: the SAE has features 0 .. {sae.d_sae - 1}")
-        ids.append(i)
+    ids = [check_feature_id(f, sae.d_sae) for f in _as_list(features)]
     if not ids:
         raise ValueError("no features given")
     return ids
@@ -83,11 +72,6 @@ def _hook_of(sae: SAE, hook_name: str | None) -> str:
     if not hook:
         raise ValueError("the SAE's cfg names no hook point; pass hook_name=")
     return hook
-
-
-def _directions(sae: SAE, ids: list[int]) -> Tensor:
-    """Decoder rows in the model's units: activation a of feature f adds a * W_dec[f] / act_scale."""
-    return sae.W_dec[ids].detach() / sae.act_scale
 
 
 @dataclass(frozen=True)
@@ -120,7 +104,7 @@ class Add:
             amounts = amounts * maxes[ids].nan_to_num(0.0)
         elif self.units != "raw":
             raise ValueError(f"units must be 'raw' or 'max', got {self.units!r}")
-        return amounts.to(self.sae.W_dec.device) @ _directions(self.sae, ids)
+        return amounts.to(self.sae.W_dec.device) @ self.sae.decoder_directions()[ids]
 
     def apply(self, act: Tensor) -> Tensor:
         """The activations [..., d] with the intervention applied."""
@@ -158,7 +142,7 @@ class Clamp:
         keep = keep_mask(flat, self.sae.cfg.exclude_norm_above)
         x = flat[keep].to(self.sae.W_dec.device)
         current = self.sae.encode(x)[:, ids]
-        delta = (new - current) @ _directions(self.sae, ids)
+        delta = (new - current) @ self.sae.decoder_directions()[ids]
         out = flat.clone()
         out[keep] = (x + delta).to(flat.dtype)
         return out.view_as(act)
@@ -367,7 +351,7 @@ def steering_effects(
 def promoted_tokens(model: LanguageModel, sae: SAE, feature: int, n: int = 5) -> list[int]:
     """Token ids the feature's decoder direction most promotes through the unembedding."""
     (f,) = _feature_ids(sae, feature)
-    return model.direction_logits(_directions(sae, [f])).topk(n, dim=-1).indices[0].tolist()
+    return model.direction_logits(sae.decoder_directions()[[f]]).topk(n, dim=-1).indices[0].tolist()
 
 
 def sweep(

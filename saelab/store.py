@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import operator
 import os
 import shutil
 import sys
@@ -26,6 +25,8 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+
+from saelab.sae import check_feature_id
 
 FORMAT = "saelab-feature-store"
 SCHEMA_VERSION = 3
@@ -466,16 +467,10 @@ class FeatureStore:
 
     def _check_feature(self, sae_id: str, feature: int, info: SAEInfo | None = None) -> int:
         """`feature` as an int, or a clear error if it is not a feature id of the SAE."""
-        d_sae = (info or self.sae(sae_id)).d_sae
         try:
-            if isinstance(feature, bool):
-                raise TypeError
-            index = operator.index(feature)
-        except TypeError:
-            raise StoreError(f"feature ids are integers, got {feature!r}") from None
-        if not 0 <= index < d_sae:
-            raise StoreError(f"feature {index} is out of range: SAE {sae_id!r} has features 0 .. {d_sae - 1}")
-        return index
+            return check_feature_id(feature, (info or self.sae(sae_id)).d_sae)
+        except ValueError as e:
+            raise StoreError(f"SAE {sae_id!r}: {e}") from None
 
     def vocab(self, model: str) -> list[str]:
         """Token texts of `model`, indexed by token id (cached)."""

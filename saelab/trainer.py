@@ -245,12 +245,7 @@ def train(cfg: TrainConfig) -> Path:
     sae_cfg.exclude_norm_above = cache.threshold
     sae_cfg.n_sources = int(cache.meta.get("n_sources", 1))
     torch.manual_seed(cfg.seed)
-    if sae_cfg.n_sources > 1:
-        from saelab.crosscoder import CrossCoder
-
-        sae: SAE = CrossCoder(sae_cfg)
-    else:
-        sae = SAE(sae_cfg)
+    sae = SAE.from_config(sae_cfg)
     (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     Trainer(cfg, sae, cache.source(cfg.seed), out).fit()
     sae.save(out)
