@@ -133,17 +133,15 @@ def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens
 
 
 def check_sources(sources: Sequence[tuple[LanguageModel, str]]) -> int:
-    """Check that (model, hook) sources can share a crosscoder; returns their common width.
+    """Check that (model, hook) sources can be read side by side; returns their common width.
 
     Every hook must exist and have the same width, and every model must use the same tokenizer
     (the same ids must mean the same text, since all sources read the same token ids).
     """
-    if len(sources) < 2:
-        raise ValueError(f"a crosscoder needs at least 2 sources, got {len(sources)}")
     widths = {f"{m.name}:{h}": m.hook_width(h) for m, h in sources}
     if len(set(widths.values())) > 1:
         raise ValueError(f"sources have different widths, so one crosscoder cannot read them: {widths}")
-    vocab = sources[0][0].tokenizer.get_vocab()
+    vocab = sources[0][0].tokenizer.get_vocab() if len(sources) > 1 else None
     for model, _ in sources[1:]:
         if model.tokenizer.get_vocab() != vocab:
             raise ValueError(
@@ -153,11 +151,28 @@ def check_sources(sources: Sequence[tuple[LanguageModel, str]]) -> int:
     return next(iter(widths.values()))
 
 
+def read_sources(sources: Sequence[tuple[LanguageModel, str]], tokens: Tensor) -> Tensor:
+    """Activations [B, T, n_sources, d] of sources already checked by `check_sources`."""
+    if len(sources) == 1:
+        model, hook = sources[0]
+        return model.activations(tokens, hook).unsqueeze(-2)
+    return torch.stack([model.activations(tokens, hook) for model, hook in sources], dim=-2)
+
+
 @torch.no_grad()
 def source_activations(sources: Sequence[tuple[LanguageModel, str]], tokens: Tensor) -> Tensor:
     """Activations of every (model, hook) source on the same tokens [B, T] -> [B, T, n_sources, d]."""
     check_sources(sources)
-    return torch.stack([model.activations(tokens, hook).float().cpu() for model, hook in sources], dim=-2)
+    return read_sources(sources, tokens).float().cpu()
+
+
+def load_cross_sources(model: LanguageModel, cfg: DataConfig) -> list[tuple[LanguageModel, str]]:
+    """The (model, hook) sources of `cfg.cross_sources`, reusing `model` where they name it."""
+    from saelab.models import load_model
+
+    return [
+        (model if name == cfg.model else load_model(name, cfg.device), hook) for name, hook in cfg.source_specs()[1:]
+    ]
 
 
 def norm_threshold(acts: Tensor, factor: float) -> float:
@@ -195,14 +210,12 @@ class ModelActivations:
         threshold: float | None = None,
         extra_sources: Sequence[tuple[LanguageModel, str]] = (),
     ):
-        model.check_hook(hook_name)
         self.model, self.hook_name, self.sequences = model, hook_name, sequences
         self.sources = [(model, hook_name), *extra_sources]
         self.model_batch_size = model_batch_size
         self.factor = exclude_norm_factor
         self.buffer_tokens = buffer_tokens
-        width = check_sources(self.sources) if extra_sources else model.hook_width(hook_name)
-        self.d_in = width * len(self.sources)
+        self.d_in = check_sources(self.sources) * len(self.sources)
         self.n_tokens = n_tokens or sequences.numel()
         self.seed = seed
         self.threshold = threshold
@@ -214,11 +227,8 @@ class ModelActivations:
         """Kept activations [m, d] per model batch (m varies with exclusions)."""
         for start in range(0, len(self.sequences), self.model_batch_size):
             toks = self.sequences[start : start + self.model_batch_size]
-            if len(self.sources) > 1:  # sources side by side; the outlier rule reads their joint norm
-                acts = source_activations(self.sources, toks)
-            else:
-                acts = self.model.activations(toks, self.hook_name)
-            acts = acts.reshape(-1, self.d_in).float().cpu()
+            # Sources side by side: the outlier rule reads their joint norm.
+            acts = read_sources(self.sources, toks).reshape(-1, self.d_in).float().cpu()
             if self.threshold is None:
                 self.threshold = norm_threshold(acts, self.factor)
             keep = keep_mask(acts, self.threshold)
@@ -310,12 +320,6 @@ class ArrayActivations:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 
-def _load(name: str, device: str) -> LanguageModel:
-    from saelab.models import load_model
-
-    return load_model(name, device)
-
-
 class ActivationCache:
     """Activations harvested once to disk as float16 `.npy` shards, memory-mapped for reading.
 
@@ -393,9 +397,6 @@ class ActivationCache:
         tmp.mkdir(parents=True)
         # Over-provision sequences for the tokens the norm filter will drop.
         seqs = token_sequences(model, cfg, "train", int(cfg.n_tokens * 1.05) + cfg.context_size, seed)
-        extra = [
-            (model if name == cfg.model else _load(name, cfg.device), hook) for name, hook in cfg.source_specs()[1:]
-        ]
         src = ModelActivations(
             model,
             cfg.hook_name,
@@ -405,7 +406,7 @@ class ActivationCache:
             cfg.buffer_tokens,
             n_tokens=cfg.n_tokens,
             seed=seed,
-            extra_sources=extra,
+            extra_sources=load_cross_sources(model, cfg),
         )
         shards: list[str] = []
         pending: list[Tensor] = []

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import __version__
-from saelab.activations import check_sources, keep_mask, source_activations, token_sequences
+from saelab.activations import check_sources, keep_mask, load_cross_sources, read_sources, token_sequences
 from saelab.config import AnalysisConfig, DataConfig, to_dict
 from saelab.evals import data_config_for, density_histogram
 from saelab.models import LanguageModel
@@ -113,7 +113,7 @@ class Analyzer:
         self.sources = [(model, hook), *extra_sources]
         if len(self.sources) != sae.cfg.n_sources:
             raise ValueError(f"the SAE reads {sae.cfg.n_sources} source(s); {len(self.sources)} given")
-        width = check_sources(self.sources) if extra_sources else model.hook_width(hook)
+        width = check_sources(self.sources)
         if width * len(self.sources) != sae.d_in:
             raise ValueError(
                 f"SAE d_in = {sae.d_in} does not match {len(self.sources)} x hook {hook!r} "
@@ -191,12 +191,9 @@ class Analyzer:
         ):
             t0 = time.perf_counter()
             toks = torch.from_numpy(np.asarray(tokens[i * B : (i + 1) * B], dtype=np.int64))
-            if len(self.sources) > 1:
-                acts = source_activations(self.sources, toks).flatten(-2)
-            else:
-                acts = self.model.activations(toks, self.hook)
+            acts = read_sources(self.sources, toks)
             t1 = time.perf_counter()
-            flat = acts.reshape(-1, acts.shape[-1]).to(device, torch.float32)
+            flat = acts.reshape(-1, self.sae.d_in).to(device, torch.float32)
             keep = keep_mask(flat, self.sae.cfg.exclude_norm_above)
             code = self.sae.encode_sparse(flat[keep])
             local = keep.nonzero()[:, 0, None].expand_as(code.indices)
@@ -631,8 +628,6 @@ def analyze(
     sae.to(model.device)
     sae_id = sae_id or run_dir.resolve().name
     # A crosscoder also reads the run's other sources (other layers, or other models on the same tokens).
-    extra = [
-        (model if name == data.model else load_model(name, data.device), hook) for name, hook in data.source_specs()[1:]
-    ]
+    extra = load_cross_sources(model, data)
     analyzer = Analyzer(sae, model, data, cfg, default_work_dir(store, sae_id), sae_id, run_dir, extra)
     return analyzer.run(store, on_chunk)
