@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,10 +106,18 @@ class Add:
             raise ValueError(f"units must be 'raw' or 'max', got {self.units!r}")
         return amounts.to(self.sae.W_dec.device) @ self.sae.decoder_directions()[ids]
 
+    def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
+        """Validate once and return the function applied at every forward pass."""
+        delta, threshold = self.delta(), self.sae.cfg.exclude_norm_above
+
+        def fn(act: Tensor) -> Tensor:
+            return act + keep_mask(act, threshold)[..., None] * delta.to(act.dtype)
+
+        return fn
+
     def apply(self, act: Tensor) -> Tensor:
         """The activations [..., d] with the intervention applied."""
-        keep = keep_mask(act, self.sae.cfg.exclude_norm_above)
-        return act + keep[..., None] * self.delta().to(act.dtype)
+        return self.prepare(act.shape[-1])(act)
 
 
 @dataclass(frozen=True)
@@ -135,17 +143,25 @@ class Clamp:
             )
         return ids, torch.tensor(vals, dtype=self.sae.W_dec.dtype, device=self.sae.W_dec.device)
 
+    def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
+        """Validate once and return the function applied at every forward pass."""
+        ids, new = self.targets()
+        sae, directions = self.sae, self.sae.decoder_directions()[ids]
+
+        def fn(act: Tensor) -> Tensor:
+            flat = act.reshape(-1, act.shape[-1])
+            keep = keep_mask(flat, sae.cfg.exclude_norm_above)
+            x = flat[keep].to(sae.W_dec.device)
+            delta = (new - sae.encode(x)[:, ids]) @ directions
+            out = flat.clone()
+            out[keep] = (x + delta).to(flat.dtype)
+            return out.view_as(act)
+
+        return fn
+
     def apply(self, act: Tensor) -> Tensor:
         """The activations [..., d] with the chosen features set and everything else kept."""
-        ids, new = self.targets()
-        flat = act.reshape(-1, act.shape[-1])
-        keep = keep_mask(flat, self.sae.cfg.exclude_norm_above)
-        x = flat[keep].to(self.sae.W_dec.device)
-        current = self.sae.encode(x)[:, ids]
-        delta = (new - current) @ self.sae.decoder_directions()[ids]
-        out = flat.clone()
-        out[keep] = (x + delta).to(flat.dtype)
-        return out.view_as(act)
+        return self.prepare(act.shape[-1])(act)
 
 
 def Ablate(sae: SAE, features: Features, hook_name: str | None = None) -> Clamp:
@@ -165,53 +181,64 @@ class AddVector:
         """Hook point this intervention acts on."""
         return self.hook_name
 
+    def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
+        """Validate once and return the function applied at every forward pass."""
+        (strength,) = _amounts(self.strength, 1, "strength")
+        if self.vector.shape != (width,):
+            raise ValueError(f"vector has shape {tuple(self.vector.shape)}; hook {self.hook_name!r} has width {width}")
+        vector = strength * self.vector
+
+        def fn(act: Tensor) -> Tensor:
+            return act + vector.to(act.device, act.dtype)
+
+        return fn
+
     def apply(self, act: Tensor) -> Tensor:
         """The activations [..., d] plus strength x vector."""
-        (strength,) = _amounts(self.strength, 1, "strength")
-        if self.vector.shape != act.shape[-1:]:
-            raise ValueError(
-                f"vector has shape {tuple(self.vector.shape)}; hook {self.hook_name!r} has width {act.shape[-1]}"
-            )
-        return act + strength * self.vector.to(act.device, act.dtype)
+        return self.prepare(act.shape[-1])(act)
 
 
 Intervention = Add | Clamp | AddVector
 
 
-def _validate(model: LanguageModel, interventions: Sequence[Intervention]) -> dict[str, list[Intervention]]:
-    by_hook: dict[str, list[Intervention]] = {}
+Prepared = dict[str, list[Callable[[Tensor], Tensor]]]
+
+
+def _prepare(model: LanguageModel, interventions: Sequence[Intervention]) -> Prepared:
+    """Check every intervention against the model and build its per-pass function, grouped by hook.
+
+    Everything is validated here, so bad feature ids, strengths or shapes fail before the model runs.
+    """
+    by_hook: Prepared = {}
     for iv in interventions:
         hook = iv.hook()
-        model.check_hook(hook)
+        width = model.hook_width(hook)
         sae = getattr(iv, "sae", None)
-        if sae is not None and model.hook_width(hook) != sae.d_in:
-            raise ValueError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} (width {model.hook_width(hook)})")
-        # Build once now, so bad feature ids, strengths or shapes fail before the model runs.
-        if isinstance(iv, Add):
-            iv.delta()
-        elif isinstance(iv, Clamp):
-            iv.targets()
-        else:
-            iv.apply(torch.zeros(model.hook_width(hook)))
-        by_hook.setdefault(hook, []).append(iv)
+        if sae is not None and width != sae.d_in:
+            raise ValueError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} (width {width})")
+        by_hook.setdefault(hook, []).append(iv.prepare(width))
     return by_hook
+
+
+@contextlib.contextmanager
+def _hooked(model: LanguageModel, prepared: Prepared) -> Iterator[None]:
+    def make(fns: list[Callable[[Tensor], Tensor]]) -> Any:
+        def fn(act: Tensor, hook: Any) -> Tensor:
+            with torch.no_grad():
+                for f in fns:
+                    act = f(act)
+            return act
+
+        return fn
+
+    with model.hooked([(hook, make(fns)) for hook, fns in prepared.items()]):
+        yield
 
 
 @contextlib.contextmanager
 def intervene(model: LanguageModel, interventions: Sequence[Intervention]) -> Iterator[None]:
     """Apply `interventions` to every forward pass of `model` inside the block; hooks always come off."""
-    by_hook = _validate(model, interventions)
-
-    def make(ivs: list[Intervention]) -> Any:
-        def fn(act: Tensor, hook: Any) -> Tensor:
-            with torch.no_grad():
-                for iv in ivs:
-                    act = iv.apply(act)
-            return act
-
-        return fn
-
-    with model.hooked([(hook, make(ivs)) for hook, ivs in by_hook.items()]):
+    with _hooked(model, _prepare(model, interventions)):
         yield
 
 
@@ -309,8 +336,7 @@ def steering_effects(
     """
     if sequences.ndim != 2 or sequences.shape[0] == 0 or sequences.shape[1] < 2:
         raise ValueError(f"sequences must be token ids [n >= 1, T >= 2], got shape {tuple(sequences.shape)}")
-    for ivs in settings.values():
-        _validate(model, ivs)
+    prepared = {name: _prepare(model, ivs) for name, ivs in settings.items()}
     sums = {name: {"ce": 0.0, "kl": 0.0, "target": 0.0, "target_clean": 0.0} for name in settings}
     ce_clean = 0.0
     n = 0
@@ -320,8 +346,8 @@ def steering_effects(
         ce_clean += float(ce.sum())
         n += ce.numel()
         p_clean = logp_clean.exp()
-        for name, ivs in settings.items():
-            with intervene(model, ivs):
+        for name in settings:
+            with _hooked(model, prepared[name]):
                 logp, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
             s = sums[name]
             s["ce"] += float(ce.sum())

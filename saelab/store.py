@@ -331,6 +331,7 @@ class FeatureStore:
         self._con = _con or _connect(self.path, read_only=True)
         self._file = None if self.writable else _file_id(self.path)
         self._vocab: dict[str, list[str]] = {}
+        self._tables: set[str] | None = None
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -376,6 +377,7 @@ class FeatureStore:
                 self._con = _connect(self.path, read_only=True)
                 self._file = current
                 self._vocab.clear()
+                self._tables = None
         return self._con
 
     def close(self) -> None:
@@ -658,7 +660,10 @@ class FeatureStore:
         )
 
     def _has_table(self, table: str) -> bool:
-        return bool(self._rows("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table])[0][0])
+        # Tables change only when a writer migrates or a new file is published, so once per connection.
+        if self._tables is None:
+            self._tables = {r[0] for r in self._rows("SELECT table_name FROM information_schema.tables")}
+        return table in self._tables
 
     def put_steering(self, sae_id: str, experiment: str, df: Any) -> None:
         """Store a `saelab.steering.sweep` DataFrame as `experiment`, replacing one of the same name."""
