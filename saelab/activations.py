@@ -210,7 +210,7 @@ class ModelActivations:
         threshold: float | None = None,
         extra_sources: Sequence[tuple[LanguageModel, str]] = (),
     ):
-        self.model, self.hook_name, self.sequences = model, hook_name, sequences
+        self.sequences = sequences
         self.sources = [(model, hook_name), *extra_sources]
         self.model_batch_size = model_batch_size
         self.factor = exclude_norm_factor

@@ -140,7 +140,6 @@ class Analyzer:
         return {
             "format": WORK_FORMAT,
             "sae": sae_hash,
-            "hook": self.hook,
             "sources": [f"{m.name}@{h}" for m, h in self.sources],
             "data": to_dict(self.data),
             "n_tokens": self.cfg.n_tokens,
