@@ -2,12 +2,15 @@
 
 One full step = forward, backward, decoder-gradient projection, Adam, decoder renormalisation, on
 the same random activations for every implementation. Each (implementation, shape, batch) runs in
-its own subprocess so peak memory is its own; SAELens runs in a virtual environment this script
-creates (`bench/.venv-saelens`), because SAELens 6 needs transformer-lens<4.
+its own subprocess so peak memory is its own; SAELens runs in this interpreter when it
+imports here, else in a virtual environment this script creates (`bench/.venv-saelens`), because
+SAELens 6 needs transformer-lens<4.
 
     python bench/train_step.py            # GPU shapes on CUDA, small shapes on CPU
     python bench/train_step.py --cpu      # force the CPU shapes
     python bench/train_step.py --no-saelens
+    python bench/train_step.py --shapes 2304,65536,64 --batches 16384
+    python bench/train_step.py --profile saelab-triton 2304 65536 64 16384   # top kernels of one step
 
 Roofline: the least time any step can take is one encoder GEMM at the device's peak matmul rate
 plus Adam's memory traffic (7 fp32 reads/writes per parameter) at its peak copy bandwidth; both
@@ -24,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,8 +95,8 @@ def _saelens_step(d_in: int, d_sae: int, k: int, device: str):
     return step
 
 
-def worker(impl: str, d_in: int, d_sae: int, k: int, batch: int, steps: int) -> dict:
-    """Time `steps` training steps after 2 warm-up steps; returns tokens/s and peak memory."""
+def _make_step(impl: str, d_in: int, d_sae: int, k: int, batch: int) -> tuple[Callable, torch.Tensor, str]:
+    """(one training step of `impl`, its batch, the device)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     if impl.startswith("saelab-"):
@@ -104,6 +108,12 @@ def worker(impl: str, d_in: int, d_sae: int, k: int, batch: int, steps: int) -> 
     else:
         raise ValueError(f"unknown implementation {impl!r}")
     x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1)).to(device)
+    return step, x, device
+
+
+def worker(impl: str, d_in: int, d_sae: int, k: int, batch: int, steps: int) -> dict:
+    """Time `steps` training steps after 2 warm-up steps; returns tokens/s and peak memory."""
+    step, x, device = _make_step(impl, d_in, d_sae, k, batch)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         step(x)
@@ -158,8 +168,11 @@ def roofline_s(d_in: int, d_sae: int, batch: int, peaks: dict) -> float:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def ensure_saelens_venv() -> Path | None:
-    """Python of a venv with sae-lens (created on first use); None if it cannot be built."""
+def saelens_python() -> Path | None:
+    """A Python that imports sae-lens: this one if it can, else a venv (created on first use); None if neither."""
+    probe = subprocess.run([sys.executable, "-c", "import sae_lens"], capture_output=True)
+    if probe.returncode == 0:
+        return Path(sys.executable)
     python = SAELENS_VENV / "bin" / "python"
     if not python.exists():
         print(f"creating {SAELENS_VENV} for sae-lens (once) ...", file=sys.stderr)
@@ -172,9 +185,32 @@ def ensure_saelens_venv() -> Path | None:
     return python
 
 
+def _env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (workers import saelab from the tree)."""
+    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def profile(impl: str, d_in: int, d_sae: int, k: int, batch: int) -> None:
+    """Print the CUDA kernels (or CPU ops) that take the time of 3 steps of one implementation."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step, x, device = _make_step(impl, d_in, d_sae, k, batch)
+    for _ in range(2):
+        step(x)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+
+
 def run_one(python: str, impl: str, shape: tuple[int, int, int], batch: int, steps: int) -> dict:
     cmd = [python, __file__, "--worker", impl, *map(str, shape), str(batch), str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": tail[:120]}
@@ -187,20 +223,44 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="CPU shapes even if a GPU is present")
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens (no venv creation)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per run (default 20 GPU / 5 CPU)")
+    parser.add_argument("--shapes", nargs="+", help="d_in,d_sae,k triples to run (default: the device's grid)")
+    parser.add_argument("--batches", nargs="+", type=int, help="batch sizes to run (default: the device's)")
+    parser.add_argument("--profile", nargs=5, metavar=("IMPL", "D_IN", "D_SAE", "K", "BATCH"),
+                        help="profile 3 steps of one implementation instead of benchmarking")  # fmt: skip
+    parser.add_argument("--part", default="", help="suffix for the results file of a partial grid (see --merge)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="combine partial runs (one device) into one table; rows keep their rooflines")  # fmt: skip
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         impl, *nums = args.worker
         print(json.dumps(worker(impl, *map(int, nums))))
         return
+    if args.merge:
+        runs = [json.loads(Path(p).read_text()) for p in args.merge]
+        if len({r["device"] for r in runs}) != 1:
+            parser.error("--merge needs runs from one device")
+        rows = [row for r in runs for row in r["rows"]]
+        table = render(rows, list(rows[0]["results"]), runs[0]["device"], runs[0]["peaks"])
+        print(table)
+        save_results("train_step", "gpu", table, {"device": runs[0]["device"], "peaks": runs[0]["peaks"],
+                                                  "rows": rows, "merged": args.merge})  # fmt: skip
+        return
+    if args.profile:
+        impl, *nums = args.profile
+        profile(impl, *map(int, nums))
+        return
     gpu = torch.cuda.is_available() and not args.cpu
     shapes, batches = (GPU_SHAPES, GPU_BATCHES) if gpu else (CPU_SHAPES, CPU_BATCHES)
+    if args.shapes:
+        shapes = [tuple(map(int, s.split(","))) for s in args.shapes]
+    batches = args.batches or batches
     steps = args.steps or (20 if gpu else 5)
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     impls = [("saelab-triton", sys.executable)] if gpu else []
     impls += [("saelab-torch", sys.executable), ("sparsify", sys.executable)]
-    if not args.no_saelens and (python := ensure_saelens_venv()):
+    if not args.no_saelens and (python := saelens_python()):
         impls.append(("saelens", str(python)))
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
     peaks = device_peaks()
@@ -213,7 +273,8 @@ def main() -> None:
             print(f"done {shape} x {batch}", file=sys.stderr)
     table = render(rows, [i for i, _ in impls], device, peaks)
     print(table)
-    save_results("train_step", "gpu" if gpu else "cpu", table, {"device": device, "peaks": peaks, "rows": rows})
+    kind = ("gpu" if gpu else "cpu") + (f"-{args.part}" if args.part else "")
+    save_results("train_step", kind, table, {"device": device, "peaks": peaks, "rows": rows})
 
 
 def render(rows: list[dict], impls: list[str], device: str, peaks: dict) -> str:

@@ -61,6 +61,16 @@ def kernels() -> Any:
     return fused
 
 
+def gather_dtype(t: Tensor) -> torch.dtype:
+    """Dtype to gather rows of `t` in: autocast's (bf16) when it is on, else t's own.
+
+    Sparse ops are bound by the bytes of the rows they gather; halving them is the autocast
+    bargain that dense GEMMs make too. Accumulation stays fp32.
+    """
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def decode_sparse(values_NK: Tensor, indices_NK: Tensor, W_dec: Tensor) -> Tensor:
     """Sum of the k decoder rows each token selected, weighted by their activations.
 
@@ -73,7 +83,9 @@ def decode_sparse(values_NK: Tensor, indices_NK: Tensor, W_dec: Tensor) -> Tenso
         )
     # embedding_bag is a fused gather + weighted sum with a scatter-add backward: no [N, K, d_in]
     # intermediate, unlike W_dec[indices] * values[..., None].
-    return F.embedding_bag(indices_NK, W_dec, per_sample_weights=values_NK.to(W_dec.dtype), mode="sum")
+    # Accumulate in fp32 whatever the rows' dtype (CUDA's embedding_bag has no bf16 weighted backward).
+    out = F.embedding_bag(indices_NK, W_dec.float(), per_sample_weights=values_NK.float(), mode="sum")
+    return out.to(W_dec.dtype)
 
 
 class TorchPrims:
@@ -97,7 +109,8 @@ class TorchPrims:
         rows = torch.arange(N, device=indices.device).repeat_interleave(K)
         G = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), coefs.reshape(-1).float(),
                                     (out.shape[0], N), check_invariants=False)  # fmt: skip
-        out.copy_(torch.sparse.mm(G, X.float()))
+        with torch.autocast(X.device.type, enabled=False):  # CUDA's sparse mm has no bf16 kernel
+            out.copy_(torch.sparse.mm(G, X.float()))
         sums.copy_(torch.zeros_like(sums).index_add_(0, indices.reshape(-1), coefs.reshape(-1).float()))
 
     @staticmethod
@@ -128,8 +141,10 @@ class _EncodeSelect(torch.autograd.Function):
             outs += [raw * gain, idx]
             idxs.append(idx)
             gains.append(gain)
-        ctx.prims, ctx.n_sel = prims, len(idxs)
-        ctx.save_for_backward(xc, W_enc, *idxs, *gains)
+        ctx.prims, ctx.n_sel, ctx.x_dtype = prims, len(idxs), xc.dtype
+        # Only the selected entries' rows of xc are read back (W_enc's gradient): keep them in the
+        # gather dtype, which also halves what the backward holds under autocast.
+        ctx.save_for_backward(xc.to(gather_dtype(xc)), W_enc, *idxs, *gains)
         return tuple(outs)
 
     @staticmethod
@@ -150,7 +165,7 @@ class _EncodeSelect(torch.autograd.Function):
             grad_bdec = -(W_enc.float() @ sums) if need_bdec else None
             grad_W = grad_W if need_W else None
         if need_x:
-            grad_x = ctx.prims.decode(coef, idx, W_enc.T).to(xc.dtype)
+            grad_x = ctx.prims.decode(coef, idx, W_enc.T).to(ctx.x_dtype)
         return (None, grad_x, grad_W, grad_b, grad_bdec, None, None, None, *([None] * (ctx.n_sel - 1)))
 
 

@@ -266,8 +266,10 @@ class SAE(nn.Module):
         """Project out the gradient component along each decoder row, so steps move along the sphere."""
         if self.W_dec.grad is None:
             return
-        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        self.W_dec.grad -= (self.W_dec.grad * W).sum(1, keepdim=True) * W
+        W, grad = self.W_dec, self.W_dec.grad
+        # g - (g.w / |w|^2) w, in three passes over the decoder and no [d_sae, d_in] temporaries.
+        along = torch.einsum("fd,fd->f", grad, W) / torch.linalg.vector_norm(W, dim=1).square().clamp_min(1e-16)
+        grad.addcmul_(W, along[:, None], value=-1.0)
 
     def save(self, path: str | Path) -> None:
         """Write `cfg.json` and `sae_weights.safetensors` (parameters and buffers) to a directory."""

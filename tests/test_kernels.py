@@ -80,8 +80,10 @@ def test_decode_sparse_matches_reference(dtype: torch.dtype) -> None:
         torch.testing.assert_close(a, b_, **tol)
 
 
-def test_topk_indices_exact_across_blocks() -> None:
-    # F spans several selection blocks, so the final merge over block candidates matters.
+def test_topk_indices_exact_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # F spans several blocks, so candidates from all of them are merged; random rows never need the
+    # dense fallback, so the candidate path alone must be exact.
+    monkeypatch.setattr(ops.TorchPrims, "select", None)
     pre = torch.randn(5, 4 * MAX_BLOCK + 77, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     got = topk_indices(pre, 33).sort(1).values
     assert torch.equal(got, pre.topk(33).indices.sort(1).values)
@@ -132,3 +134,56 @@ def test_sae_training_step_same_on_both_backends(name: str) -> None:
     # Buffers (batchtopk's threshold, mutualchoice's firing rates) are compared too.
     for n in grads_t:
         torch.testing.assert_close(grads_k[n], grads_t[n], rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["topk", "abstopk"])
+def test_topk_indices_ties_and_few_eligible_are_exact(signed: bool) -> None:
+    # Row 0 is constant (every column ties at the threshold: the candidate slots overflow); row 1 is
+    # ordinary; row 2 sees only 3 eligible columns (< k) through the scale.
+    g = torch.Generator().manual_seed(6)
+    pre = torch.randn(3, 3 * MAX_BLOCK + 5, generator=g)
+    pre[0] = -0.5
+    scale = torch.ones(pre.shape[1])
+    for row, s in ((slice(0, 2), None), (slice(2, 3), scale.clone().index_fill_(0, torch.arange(3, pre.shape[1]), 0))):
+        got = topk_indices(pre[row].to(DEVICE), 9, signed, None if s is None else s.to(DEVICE)).cpu()
+        want = ops.TorchPrims.select(pre[row], 9, signed, s)
+        score = pre[row].abs() if signed else pre[row]
+        if s is None:
+            torch.testing.assert_close(score.gather(1, got).sort(1).values, score.gather(1, want).sort(1).values)
+        else:  # the 3 eligible columns are chosen; the other 6 slots are ineligible filler
+            assert set(got[0].tolist()) >= {0, 1, 2}
+
+
+def test_autocast_gathers_bf16_rows_and_stays_close() -> None:
+    # Under autocast the kernels gather bf16 rows (a W_dec copy, xc, output gradients) and accumulate
+    # in fp32; gradients keep the parameters' fp32 dtype. Decoding: close to the fp32 result.
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(F, D, generator=g)
+    idx = torch.stack([torch.randperm(F, generator=g)[:9] for _ in range(N)]).to(DEVICE)
+    vals, grad_out = torch.randn(N, 9, generator=g), torch.randn(N, D, generator=g).to(DEVICE)
+    results = []
+    for autocast in (False, True):
+        v, w = leaf(vals.to(DEVICE)), leaf(W.to(DEVICE))
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            out = fused.decode_sparse(v, idx, w)
+        out.backward(grad_out)
+        results.append((out, v.grad, w.grad))
+    for a, b_ in zip(*results, strict=True):
+        assert b_.dtype == torch.float32
+        torch.testing.assert_close(b_, a, atol=5e-2, rtol=2e-2)
+    # Encoding: bf16 pre may change the selection itself, so compare with the torch backend under the
+    # same autocast (same selection, same bf16 xc rows): only the summation order differs.
+    g = torch.Generator().manual_seed(10)  # a draw whose bf16 pre has no tie at the k-th place
+    x, W_enc, b, bd = (torch.randn(*s, generator=g).to(DEVICE) for s in ((N, D), (D, F), (F,), (D,)))
+    top = torch.addmm(b.bfloat16(), (x - bd).bfloat16(), W_enc.bfloat16()).float().topk(8).values
+    assert bool((top[:, 6] > top[:, 7]).all()), "tie in bf16 pre: both selections would be valid"
+    grads = []
+    for impl in (ops.encode_select, fused.encode_select):
+        p = [leaf(t) for t in (x, W_enc, b, bd)]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            sel = impl(*p, 7, False)
+        (sel.values * (sel.indices % 5 + 1)).sum().backward()  # the order of the k entries is free
+        grads.append([t.grad for t in p])
+    for a, b_ in zip(*grads, strict=True):
+        assert b_.dtype == torch.float32
+        torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4)

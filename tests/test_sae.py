@@ -126,3 +126,18 @@ def test_shipped_configs_load() -> None:
     configs = sorted(Path(__file__).parents[1].glob("data/configs/*.toml"))
     names = {load_config(p).sae.sparsifier for p in configs}
     assert names == {"relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice"}
+
+
+def test_decoder_constraint_keeps_rows_on_the_unit_sphere() -> None:
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=13, d_sae=37, sparsifier="topk", k=4))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(37, 1) + 0.5)  # rows off the sphere: the projection must not assume unit norm
+    grad = torch.randn(37, 13)
+    sae.W_dec.grad = grad.clone()
+    sae.remove_parallel_decoder_grad()
+    unit = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sae.W_dec.grad, grad - (grad * unit).sum(1, keepdim=True) * unit)
+    assert (sae.W_dec.grad * unit).sum(1).abs().max() < 1e-5
+    sae.set_decoder_norm_to_unit()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(37))
