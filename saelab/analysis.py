@@ -38,10 +38,10 @@ from saelab.activations import check_sources, keep_mask, load_cross_sources, rea
 from saelab.config import AnalysisConfig, DataConfig, to_dict
 from saelab.evals import data_config_for, density_histogram
 from saelab.models import LanguageModel
-from saelab.sae import SAE, WEIGHTS_FILE
+from saelab.sae import SAE, WEIGHTS_FILE, SparseCode
 from saelab.store import FeatureStore, SAEInfo, list_column
 
-WORK_FORMAT = 1
+WORK_FORMAT = 2  # bumped when spilled chunks change (v2: Latent Scaling sums)
 WEIGHT_BLOCK = 1024
 """Features per block when computing logit effects and neighbours (bounds the [block, vocab] matrix)."""
 
@@ -203,8 +203,10 @@ class Analyzer:
                 code.values[nz].float().cpu().numpy(),
             )
             order = np.lexsort((feats, rows))
+            extra = {"scaling": self._scaling_sums(flat[keep], code)} if len(self.sources) == 2 else {}
             _save_atomic(
                 self._chunk_path(i),
+                **extra,
                 rows=rows[order].astype(np.int32),
                 features=feats[order].astype(np.int32),
                 values=vals[order].astype(np.float32),
@@ -216,6 +218,31 @@ class Analyzer:
             if on_chunk is not None:
                 on_chunk(i)
         return n_chunks
+
+    def _scaling_sums(self, x: torch.Tensor, code: SparseCode, rows: int = 1024) -> np.ndarray:
+        """Latent Scaling sums (saelab.diffing.ScalingRatios) of one chunk, in batches of `rows` tokens."""
+        from saelab.diffing import ScalingRatios
+
+        sae = self.sae
+        fit = ScalingRatios(sae.decoder_directions().float().view(sae.d_sae, 2, -1))
+        for lo in range(0, len(x), rows):
+            part = SparseCode(code.values[lo : lo + rows], code.indices[lo : lo + rows])
+            acts = torch.zeros(len(part.values), sae.d_sae, device=x.device)
+            acts.scatter_(1, part.indices, part.values.float())
+            recon = sae.decode(part).float()
+            fit.update(x[lo : lo + rows].view(len(acts), 2, -1), recon.view(len(acts), 2, -1), acts)
+        return fit.sums().cpu().numpy()
+
+    def scaling_ratios(self, n_chunks: int) -> dict[str, np.ndarray]:
+        """nu_error / nu_recon per latent of a two-source crosscoder, from every chunk's spilled sums."""
+        from saelab.diffing import ScalingRatios
+
+        sae = self.sae
+        fit = ScalingRatios(sae.decoder_directions().float().view(sae.d_sae, 2, -1))
+        for i in range(n_chunks):
+            with np.load(self._chunk_path(i)) as z:
+                fit.add_sums(torch.from_numpy(z["scaling"]))
+        return {k: v.cpu().numpy() for k, v in fit.ratios().items()}
 
     def chunks(self, n_chunks: int, lo: int = 0, hi: int | None = None) -> Iterator[Spill]:
         """The spilled activations chunk by chunk, restricted to features in [lo, hi)."""
@@ -434,7 +461,7 @@ class Analyzer:
         return out
 
     @torch.no_grad()
-    def diffing_table(self) -> pa.Table:
+    def diffing_table(self, n_chunks: int) -> pa.Table:
         """Per-latent source norms and, for two sources, the diffing metrics (saelab.diffing)."""
         from saelab.diffing import classify, decoder_cosines, relative_norms
 
@@ -453,6 +480,7 @@ class Analyzer:
                 "dec_cos": pa.array(decoder_cosines(sae).double().numpy()),
                 "diff_class": pa.array(classify(rel), pa.string()),
             }
+            cols |= {k: pa.array(v.astype(np.float64)) for k, v in self.scaling_ratios(n_chunks).items()}
         return pa.table(cols)
 
     def _vocab_texts(self) -> list[str]:
@@ -491,7 +519,7 @@ class Analyzer:
                 )
             store.append("train_metrics", self._train_metrics())
             if len(self.sources) > 1:
-                store.append("diffing", self.diffing_table())
+                store.append("diffing", self.diffing_table(n_chunks))
             write_s += time.perf_counter() - t0
             blocks = self.blocks(tot["n_fires"])
             for lo, hi in tqdm(blocks, desc=f"analyze {self.sae_id}: features", unit="block"):

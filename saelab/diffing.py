@@ -9,9 +9,9 @@ Per latent j with decoder directions d_j^A, d_j^B (one per source):
 - Latent Scaling (Minder et al. 2025): the least-squares scale beta_j that best explains a target
   y (for example one source's activations, or its reconstruction error without latent j) with the
   latent's contribution f_j(x) d_j:  beta_j = sum_n f_nj <d_j, y_n> / (||d_j||^2 sum_n f_nj^2).
-  For a latent the norms call B-only, a beta near 0 when fitting source A means A truly lacks it
-  ("complete shrinkage" is then ruled out); a large beta means A carries the same information
-  elsewhere, so the norm ratio overstated its specificity ("latent decoupling").
+  `ScalingRatios` turns four such fits into the paper's two ratios: nu_error flags complete
+  shrinkage (the other source carries the latent in its reconstruction error) and nu_recon latent
+  decoupling (other latents rebuild it there); a truly specific latent has both near 0.
 """
 
 from __future__ import annotations
@@ -58,27 +58,90 @@ class LatentScaling:
     """[d_sae, d] the direction each latent writes (e.g. one source's decoder, in model units)."""
 
     def __post_init__(self) -> None:
-        d_sae, d = self.directions.shape
-        self.f_dot_y = torch.zeros(d_sae, d, dtype=torch.float64, device=self.directions.device)
+        d_sae = self.directions.shape[0]
+        self.num = torch.zeros(d_sae, dtype=torch.float64, device=self.directions.device)
         self.f_sq = torch.zeros(d_sae, dtype=torch.float64, device=self.directions.device)
 
-    def update(self, acts: Tensor, targets: Tensor) -> None:
-        """Add a batch: latent activations [N, d_sae] and the targets to explain [N, d]."""
+    def update(self, acts: Tensor, targets: Tensor, own_dot: Tensor | None = None) -> None:
+        """Add a batch: latent activations [N, d_sae] and the targets to explain [N, d].
+
+        `own_dot` [d_sae] = <d_j, c_j> fits latent j to `targets - f_j c_j` instead (e.g. c_j = j's own
+        decoder in that source: the target without j's contribution), at no extra cost.
+        """
         if acts.shape[0] != targets.shape[0] or targets.shape[1] != self.directions.shape[1]:
             raise ValueError(
                 f"acts {tuple(acts.shape)} and targets {tuple(targets.shape)} do not match "
                 f"directions {tuple(self.directions.shape)}"
             )
         f = acts.double()
-        self.f_dot_y += f.T @ targets.double()
-        self.f_sq += f.pow(2).sum(0)
+        f_sq = f.pow(2).sum(0)
+        self.num += (f * (targets.double() @ self.directions.double().T)).sum(0)
+        if own_dot is not None:
+            self.num -= f_sq * own_dot.double()
+        self.f_sq += f_sq
 
     def betas(self) -> Tensor:
         """beta_j = sum_n f_nj <d_j, y_n> / (||d_j||^2 sum_n f_nj^2); NaN for latents that never fired."""
-        d = self.directions.double()
-        num = (self.f_dot_y * d).sum(1)
-        den = d.pow(2).sum(1) * self.f_sq
-        return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+        den = self.directions.double().pow(2).sum(1) * self.f_sq
+        return torch.where(den > 0, self.num / den.clamp_min(1e-300), torch.full_like(self.num, float("nan")))
+
+
+class ScalingRatios:
+    """Latent Scaling's two ratios (Minder et al. 2025) for every latent of a two-source crosscoder.
+
+    Each latent j is fitted along its owner's decoder direction d_j (owner: the source where its decoder
+    norm is larger; the other source is the one it may be specific against), four ways: to each
+    source's reconstruction error with j's own contribution added back (eps_s + f_j D_s[j], what would
+    be left to explain without j), to the owner's reconstruction r_owner, and to the other source's
+    reconstruction by the other latents (r_other - f_j D_other[j]). Then
+
+    - nu_error = beta(eps_other) / beta(eps_owner): near 0 when the other source's activations do not
+      carry the latent; large when they do but its decoder there shrank to nothing (complete shrinkage);
+    - nu_recon = beta(r_other) / beta(r_owner): large when other latents rebuild it in the other source
+      (latent decoupling).
+
+    A truly source-specific latent has both near 0. Sums stream over batches; `sums` / `add_sums`
+    carry them between processes (the analysis spills them with each chunk).
+    """
+
+    KINDS = ("error", "recon")
+
+    def __init__(self, decoders: Tensor):
+        """decoders [d_sae, 2, d]: each latent's decoder direction per source, in model units."""
+        if decoders.dim() != 3 or decoders.shape[1] != 2:
+            raise ValueError(f"decoders must be [d_sae, 2, d]; got {tuple(decoders.shape)}")
+        norms = decoders.norm(dim=2)
+        self.owner = (norms[:, 1] > norms[:, 0]).long()
+        rows = torch.arange(len(decoders), device=decoders.device)
+        dirs = decoders[rows, self.owner]
+        self.own_dot = (dirs[:, None, :] * decoders).sum(2)  # [d_sae, 2]: <d_j, D_s[j]>
+        self.fits = {(kind, s): LatentScaling(dirs) for kind in self.KINDS for s in (0, 1)}
+
+    def update(self, x: Tensor, recon: Tensor, acts: Tensor) -> None:
+        """Add a batch: activations and reconstructions [N, 2, d] (model units), latent activations [N, d_sae]."""
+        for s in (0, 1):
+            self.fits["error", s].update(acts, x[:, s] - recon[:, s], own_dot=-self.own_dot[:, s])
+            other = (self.owner != s).to(self.own_dot)
+            self.fits["recon", s].update(acts, recon[:, s], own_dot=self.own_dot[:, s] * other)
+
+    def sums(self) -> Tensor:
+        """The streamed sums [5, d_sae]: four numerators, then sum f^2."""
+        return torch.stack([fit.num for fit in self.fits.values()] + [self.fits["error", 0].f_sq])
+
+    def add_sums(self, sums: Tensor) -> None:
+        """Add sums from `sums()` of another batch or process."""
+        for fit, num in zip(self.fits.values(), sums[:4], strict=True):
+            fit.num += num.to(fit.num)
+            fit.f_sq += sums[4].to(fit.f_sq)
+
+    def ratios(self) -> dict[str, Tensor]:
+        """{'nu_error', 'nu_recon'}: [d_sae] each, beta(other source) / beta(owner); NaN where never fired."""
+        rows = torch.arange(len(self.owner), device=self.owner.device)
+        out = {}
+        for kind in self.KINDS:
+            betas = torch.stack([self.fits[kind, s].betas() for s in (0, 1)], dim=1)
+            out[f"nu_{kind}"] = betas[rows, 1 - self.owner] / betas[rows, self.owner]
+        return out
 
 
 def latent_scaling(acts: Tensor, directions: Tensor, targets: Tensor) -> Tensor:

@@ -291,11 +291,15 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE written by `save`, with clear errors for missing, corrupt or mismatched files."""
+        """Load an SAE written by `save`, with clear errors for missing, corrupt or mismatched files.
+
+        It comes back in eval mode, ready for inference: a training-mode forward would update
+        BatchTopK's threshold and other training statistics. Call `.train()` to train it further.
+        """
         path = Path(path)
         sae = cls.from_config(read_sae_config(path))
         load_state(sae, path / WEIGHTS_FILE)
-        return sae.to(device)
+        return sae.to(device).eval()
 
 
 def read_sae_config(path: Path) -> SAEConfig:

@@ -29,7 +29,7 @@ import pyarrow as pa
 from saelab.sae import check_feature_id
 
 FORMAT = "saelab-feature-store"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE saelab_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -142,11 +142,19 @@ CREATE TABLE diffing (
     PRIMARY KEY (sae_id, feature)
 );
 """
-SCHEMA += STEERING_TABLE + DIFFING_TABLE
+DIFFING_SCALING = """
+-- Schema v4: Latent Scaling ratios of two-source crosscoders (saelab.diffing.ScalingRatios):
+-- beta(other source) / beta(owning source) fitted to reconstruction errors (complete shrinkage when
+-- large) and to reconstructions by the other latents (latent decoupling when large).
+ALTER TABLE diffing ADD COLUMN nu_error DOUBLE;
+ALTER TABLE diffing ADD COLUMN nu_recon DOUBLE;
+"""
+SCHEMA += STEERING_TABLE + DIFFING_TABLE + DIFFING_SCALING
 
-MIGRATIONS = {1: STEERING_TABLE, 2: DIFFING_TABLE}
+MIGRATIONS = {1: STEERING_TABLE, 2: DIFFING_TABLE, 3: DIFFING_SCALING}
 """SQL that takes a store from schema version v to v + 1 (applied by writers, in a copy)."""
 
+DIFFING_COLUMNS = ("source_norms", "rel_norm", "dec_cos", "diff_class", "nu_error", "nu_recon")
 TABLES = ("saes", "train_metrics", "features", "examples", "vocab", "steering", "diffing")
 PER_SAE_TABLES = ("saes", "train_metrics", "features", "examples", "diffing")
 
@@ -250,6 +258,10 @@ class FeatureDashboard:
     rel_norm: float | None = None
     dec_cos: float | None = None
     diff_class: str | None = None
+    nu_error: float | None = None
+    """Latent Scaling: beta(other source) / beta(owner) on reconstruction errors (large: complete shrinkage)."""
+    nu_recon: float | None = None
+    """Latent Scaling: the same on reconstructions by the other latents (large: latent decoupling)."""
 
 
 def list_column(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
@@ -561,10 +573,9 @@ class FeatureStore:
         if not self._has_table("diffing"):
             return {}
         rows = self._rows(
-            "SELECT source_norms, rel_norm, dec_cos, diff_class FROM diffing WHERE sae_id = ? AND feature = ?",
-            [sae_id, feature],
+            f"SELECT {', '.join(DIFFING_COLUMNS)} FROM diffing WHERE sae_id = ? AND feature = ?", [sae_id, feature]
         )
-        return dict(zip(("source_norms", "rel_norm", "dec_cos", "diff_class"), rows[0], strict=True)) if rows else {}
+        return dict(zip(DIFFING_COLUMNS, rows[0], strict=True)) if rows else {}
 
     def neighbours(self, sae_id: str, feature: int) -> list[tuple[int, float]]:
         """Nearest features by decoder cosine similarity, closest first."""
@@ -642,22 +653,24 @@ class FeatureStore:
         if not self._has_table("diffing"):
             return self.query("SELECT NULL AS feature WHERE false")
         return self.query(
-            "SELECT feature, source_norms, rel_norm, dec_cos, diff_class FROM diffing"
-            " WHERE sae_id = ? ORDER BY feature",
+            f"SELECT feature, {', '.join(DIFFING_COLUMNS)} FROM diffing WHERE sae_id = ? ORDER BY feature",
             [sae_id],
         )
 
-    def diffing_counts(self, sae_id: str) -> dict[str, int]:
-        """How many latents of a two-source crosscoder fall in each diffing class."""
+    def diffing_counts(self, sae_id: str, nu_below: float | None = None) -> dict[str, int]:
+        """How many latents of a two-source crosscoder fall in each diffing class.
+
+        With `nu_below`, count only latents whose Latent Scaling ratios (nu_error and nu_recon) are
+        both below it: the source-specific latents that are not shrinkage or decoupling artifacts.
+        """
         self.sae(sae_id)
         if not self._has_table("diffing"):
             return {}
-        return dict(
-            self._rows(
-                "SELECT diff_class, count(*) FROM diffing WHERE sae_id = ? AND diff_class IS NOT NULL GROUP BY 1",
-                [sae_id],
-            )
-        )
+        where, params = "sae_id = ? AND diff_class IS NOT NULL", [sae_id]
+        if nu_below is not None:
+            where += " AND nu_error < ? AND nu_recon < ?"
+            params += [nu_below, nu_below]
+        return dict(self._rows(f"SELECT diff_class, count(*) FROM diffing WHERE {where} GROUP BY 1", params))
 
     def _has_table(self, table: str) -> bool:
         # Tables change only when a writer migrates or a new file is published, so once per connection.

@@ -10,7 +10,7 @@ from saelab import SAE, SAEConfig, TrainConfig
 from saelab.activations import ArrayActivations, source_activations
 from saelab.config import ConfigError
 from saelab.crosscoder import CrossCoder
-from saelab.diffing import CLASSES, classify, decoder_cosines, latent_scaling, relative_norms
+from saelab.diffing import CLASSES, ScalingRatios, classify, decoder_cosines, latent_scaling, relative_norms
 from saelab.trainer import Trainer
 
 
@@ -91,6 +91,39 @@ def test_latent_scaling_matches_least_squares() -> None:
         want = torch.linalg.lstsq(A, y.reshape(-1, 1).double()).solution.item()
         assert betas[j].item() == pytest.approx(want, rel=1e-9)
     assert torch.isnan(betas[4])
+
+
+def test_scaling_ratios_flag_shrinkage_and_decoupling() -> None:
+    # Latents 0-2 are written by source B's decoder only (B-only by norm), along unit axes u_j; latent
+    # 3 is A-only along u_2 and fires with latent 2. Source A holds nothing of u_0 (truly B-only), half
+    # of f_1 u_1 left in its error (complete shrinkage), and f_2 u_2 rebuilt by latent 3 (decoupling).
+    g = torch.Generator().manual_seed(0)
+    n, d = 500, 6
+    u = torch.eye(d)
+    dec = torch.zeros(4, 2, d)
+    dec[:3, 1] = u[:3]
+    dec[3, 0] = u[2]
+    f = torch.rand(n, 3, generator=g) * (torch.rand(n, 3, generator=g) < 0.4)
+    acts = torch.cat([f, f[:, 2:]], dim=1)
+    x_b = f @ u[:3]
+    x_a = 0.5 * f[:, 1:2] * u[1] + f[:, 2:] * u[2]
+    x = torch.stack([x_a, x_b], dim=1)
+    recon = torch.stack([f[:, 2:] * u[2], x_b], dim=1)
+    whole = ScalingRatios(dec)
+    whole.update(x, recon, acts)
+    nu = whole.ratios()
+    torch.testing.assert_close(nu["nu_error"], torch.tensor([0.0, 0.5, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(nu["nu_recon"], torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+    # Streaming: sums of two halves, carried through sums()/add_sums(), give the same ratios.
+    halves = ScalingRatios(dec)
+    for part in torch.arange(n).chunk(2):
+        one = ScalingRatios(dec)
+        one.update(x[part], recon[part], acts[part])
+        halves.add_sums(one.sums())
+    for key, value in halves.ratios().items():
+        torch.testing.assert_close(value, nu[key])
+    with pytest.raises(ValueError, match=r"\[d_sae, 2, d\]"):
+        ScalingRatios(torch.zeros(4, 3, d))
 
 
 def planted_pair(n: int, d: int, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -214,3 +247,14 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
                 assert r.max_act == pytest.approx(float(want[r.feature]), rel=1e-4)
         dash = fs.dashboard("cc", rows[0].feature)
         assert len(dash.source_norms) == 2 and dash.diff_class in CLASSES
+        assert dash.nu_error == pytest.approx(diff["nu_error"][rows[0].feature], nan_ok=True)
+        # Latent Scaling ratios, streamed chunk by chunk, equal one pass over all kept tokens.
+        kept = x[keep_mask(x, cc.cfg.exclude_norm_above)]
+        fit = ScalingRatios(cc.decoder_directions().view(64, 2, 32))
+        with torch.no_grad():
+            fit.update(kept.view(-1, 2, 32), cc.decode(dense).view(-1, 2, 32), dense)
+        for key, want_nu in fit.ratios().items():
+            np.testing.assert_allclose(diff[key].to_numpy(), want_nu.numpy(), rtol=1e-4, atol=1e-6)
+        assert np.isfinite(diff["nu_error"][[r.feature for r in rows if r.n_fires]]).all()
+        low = (diff["nu_error"] < 0.5) & (diff["nu_recon"] < 0.5)
+        assert fs.diffing_counts("cc", nu_below=0.5) == diff[low]["diff_class"].value_counts().to_dict()

@@ -45,7 +45,7 @@ def test_save_load_round_trip(tmp_path, name) -> None:
     sae.save(tmp_path)
     assert (tmp_path / "cfg.json").is_file() and (tmp_path / "sae_weights.safetensors").is_file()
     loaded = SAE.load(tmp_path)
-    assert loaded.cfg == sae.cfg
+    assert loaded.cfg == sae.cfg and not loaded.training  # inference must not move its buffers
     for key, value in sae.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == name

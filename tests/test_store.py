@@ -150,12 +150,12 @@ def test_foreign_corrupt_missing_and_newer_files(tmp_path, store_path) -> None:
     con = duckdb.connect(str(store_path))
     con.execute("UPDATE saelab_meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(StoreError, match="schema v99; this saelab reads v3: upgrade saelab"):
+    with pytest.raises(StoreError, match="schema v99; this saelab reads v4: upgrade saelab"):
         FeatureStore(store_path)
 
 
 def test_older_store_is_read_as_is_and_upgraded_by_writers(store_path) -> None:
-    # A v1 store is today's store without the steering (v2) and diffing (v3) tables.
+    # A v1 store is today's store without the steering (v2) and diffing (v3, v4) tables.
     con = duckdb.connect(str(store_path))
     con.execute("DROP TABLE steering")
     con.execute("DROP TABLE diffing")
@@ -169,7 +169,8 @@ def test_older_store_is_read_as_is_and_upgraded_by_writers(store_path) -> None:
     with FeatureStore.writer(store_path) as w:
         w.set_label("run-topk", 1, "upgraded")
     with FeatureStore(store_path) as new:
-        assert new.query("SELECT value FROM saelab_meta WHERE key = 'schema_version'")["value"][0] == "3"
+        assert new.query("SELECT value FROM saelab_meta WHERE key = 'schema_version'")["value"][0] == "4"
+        assert {"nu_error", "nu_recon"} <= set(new.query("SELECT * FROM diffing").columns)
         assert new.steering_experiments("run-topk") == []
         assert new.dashboard("run-topk", 1).summary.label == "upgraded"
 
