@@ -6,7 +6,7 @@ Imported only when the triton backend is used (it imports Triton). On CPU the ke
 Selection never sorts a full row: a threshold from group maxima cuts each row to a few more than
 k candidates (see `topk_indices`). Candidates are packed with their column into one int64 key
 (order-preserving float bits in the high word, column in the low word), so one top-k over keys
-yields values and indices together, with ties broken the same way every run.
+yields values and indices together, ties among candidates going to the higher column.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def topk_indices(pre: Tensor, k: int, signed: bool = False, scale: Tensor | None
     N, F = pre.shape
     pre = pre.contiguous()
     BLOCK = min(MAX_BLOCK, triton.next_power_of_2(F))
-    # ~16k groups: few enough that their top-k is cheap, many enough that the threshold is tight.
+    # About 16 * k groups: few enough that their top-k is cheap, many enough for a tight threshold.
     GROUP = max(1, min(64, BLOCK, 2 ** int(math.log2(max(1, F // (16 * k))))))
     n_groups = triton.cdiv(F, GROUP)
     grid = (N, triton.cdiv(F, BLOCK))
