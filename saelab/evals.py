@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.activations import keep_mask, token_sequences
+from saelab.activations import check_sources, keep_mask, load_cross_sources, read_sources, token_sequences
 from saelab.config import DataConfig, from_dict
 from saelab.models import LanguageModel
 from saelab.sae import SAE
@@ -94,6 +95,44 @@ def next_token_logprobs(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]
     return logp, ce
 
 
+HookFn = Callable[[Tensor, Any], Tensor]
+
+
+def _ce_kl(
+    model: LanguageModel, hook: str, sequences: Tensor, batch_size: int, desc: str,
+    runs_for: Callable[[Tensor], list[tuple[str, HookFn]]],
+) -> tuple[dict[str, float], int]:  # fmt: skip
+    """Mean CE of the clean model and of each run `runs_for(tokens)` names (its hook fn at `hook`),
+    and KL(clean || run) for every run but 'zero'; also returns the number of tokens read."""
+    sums: dict[str, float] = {}
+    n_pred = n_tok = 0
+    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch"):
+        toks = sequences[start : start + batch_size]
+        logp_clean, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
+        sums["ce_clean"] = sums.get("ce_clean", 0.0) + float(ce.sum())
+        p_clean = logp_clean.exp()
+        for name, fn in runs_for(toks):
+            logp, ce = next_token_logprobs(model.run_with_hooks(toks, [(hook, fn)]), toks)
+            sums[f"ce_{name}"] = sums.get(f"ce_{name}", 0.0) + float(ce.sum())
+            if name != "zero":
+                kl = "kl" if name == "sae" else f"kl_{name}"
+                sums[kl] = sums.get(kl, 0.0) + float((p_clean * (logp_clean - logp)).sum())
+        n_pred += ce.numel()
+        n_tok += toks.numel()
+    return {k: v / max(n_pred, 1) for k, v in sums.items()}, n_tok
+
+
+def _ce_summary(avg: dict[str, float]) -> dict[str, float]:
+    return {
+        "ce_loss_clean": avg["ce_clean"],
+        "ce_loss_sae": avg["ce_sae"],
+        "ce_loss_zero_ablation": avg["ce_zero"],
+        "ce_loss_increase": avg["ce_sae"] - avg["ce_clean"],
+        "ce_loss_recovered": _recovered(avg["ce_clean"], avg["ce_sae"], avg["ce_zero"]),
+        "kl_div": avg["kl"],
+    }
+
+
 @torch.no_grad()
 def spliced_metrics(
     sae: SAE, model: LanguageModel, sequences: Tensor, batch_size: int = 8, all_tokens: bool = False
@@ -108,12 +147,9 @@ def spliced_metrics(
         raise ValueError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} of {model.name} (width {width})")
     sae.eval()
     stats = _ReconStats(sae.d_sae, next(sae.parameters()).device)
-    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "ce_all": 0.0, "kl_all": 0.0}
-    n_pred = 0
-    n_tok = 0
     n_outliers = 0
 
-    def splice(record: bool, everywhere: bool = False, zero: bool = False) -> Any:
+    def splice(record: bool, everywhere: bool = False, zero: bool = False) -> HookFn:
         def fn(act: Tensor, hook: Any) -> Tensor:
             nonlocal n_outliers
             flat = act.reshape(-1, act.shape[-1])
@@ -130,36 +166,58 @@ def spliced_metrics(
 
         return fn
 
-    for start in tqdm(range(0, len(sequences), batch_size), desc="eval (SAE spliced in)", unit="batch"):
-        toks = sequences[start : start + batch_size]
-        logp_clean, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
-        sums["ce_clean"] += float(ce.sum())
-        p_clean = logp_clean.exp()
+    def runs_for(toks: Tensor) -> list[tuple[str, HookFn]]:
         runs = [("sae", splice(True)), ("zero", splice(False, zero=True))]
-        if all_tokens:
-            runs.append(("all", splice(False, everywhere=True)))
-        for name, fn in runs:
-            logp, ce = next_token_logprobs(model.run_with_hooks(toks, [(hook, fn)]), toks)
-            sums[f"ce_{name}"] += float(ce.sum())
-            if name in ("sae", "all"):
-                sums["kl" if name == "sae" else "kl_all"] += float((p_clean * (logp_clean - logp)).sum())
-        n_pred += ce.numel()
-        n_tok += toks.numel()
-    avg = {k: v / n_pred for k, v in sums.items()}
-    out = stats.metrics()
-    out |= {
-        "ce_loss_clean": avg["ce_clean"],
-        "ce_loss_sae": avg["ce_sae"],
-        "ce_loss_zero_ablation": avg["ce_zero"],
-        "ce_loss_increase": avg["ce_sae"] - avg["ce_clean"],
-        "ce_loss_recovered": _recovered(avg["ce_clean"], avg["ce_sae"], avg["ce_zero"]),
-        "kl_div": avg["kl"],
-        "outlier_frac": n_outliers / max(n_tok, 1),
-        "eval_tokens": n_tok,
-    }
+        return [*runs, ("all", splice(False, everywhere=True))] if all_tokens else runs
+
+    avg, n_tok = _ce_kl(model, hook, sequences, batch_size, "eval (SAE spliced in)", runs_for)
+    out = stats.metrics() | _ce_summary(avg) | {"outlier_frac": n_outliers / max(n_tok, 1), "eval_tokens": n_tok}
     if all_tokens:
         out |= {"ce_loss_all_tokens": avg["ce_all"], "kl_div_all_tokens": avg["kl_all"]}
     return out
+
+
+@torch.no_grad()
+def crosscoder_spliced_metrics(
+    cc: SAE, sources: Sequence[tuple[LanguageModel, str]], sequences: Tensor, batch_size: int = 8
+) -> dict[str, Any]:
+    """Per source: reconstruction metrics and CE / KL with that source's reconstruction spliced in.
+
+    The crosscoder encodes all sources' clean activations of a batch jointly; each source's model is
+    then run with its own slice of the reconstruction at its hook (massive-norm tokens, by joint norm
+    as in training, pass through). Up to that hook the spliced run equals the clean one, so the
+    reconstruction from the clean pass is the one the spliced model would compute there.
+    """
+    if len(sources) != cc.cfg.n_sources:
+        raise ValueError(f"the crosscoder reads {cc.cfg.n_sources} sources; {len(sources)} given")
+    width = check_sources(sources)
+    if width * len(sources) != cc.d_in:
+        raise ValueError(f"crosscoder d_in = {cc.d_in} does not match {len(sources)} sources of width {width}")
+    cc.eval()
+    S, device = len(sources), next(cc.parameters()).device
+    per_source = []
+    for s, (model, hook) in enumerate(sources):
+        stats = _ReconStats(cc.d_sae, device)
+
+        def runs_for(toks: Tensor, s: int = s, stats: _ReconStats = stats) -> list[tuple[str, HookFn]]:
+            x = read_sources(sources, toks).reshape(-1, S, width).to(device, torch.float32)
+            keep = keep_mask(x.reshape(len(x), -1), cc.cfg.exclude_norm_above)
+            codes = cc.encode(x)
+            recon = cc.decode(codes)[:, s]
+            stats.update(x[keep, s], recon[keep], codes[keep])
+
+            def put(new: Tensor) -> HookFn:
+                def fn(act: Tensor, hook: Any) -> Tensor:
+                    flat = act.reshape(-1, act.shape[-1])
+                    return torch.where(keep[:, None].to(flat.device), new.to(flat), flat).view_as(act)
+
+                return fn
+
+            return [("sae", put(recon)), ("zero", put(torch.zeros_like(recon)))]
+
+        avg, n_tok = _ce_kl(model, hook, sequences, batch_size, f"eval source {s} (crosscoder spliced in)", runs_for)
+        per_source.append({"source": f"{model.name}@{hook}"} | stats.metrics() | _ce_summary(avg))
+    return {"per_source": per_source, "eval_tokens": n_tok}
 
 
 def _recovered(clean: float, sae: float, zero: float) -> float:
@@ -196,7 +254,13 @@ def evaluate_run(
     seqs = token_sequences(model, data, "eval", eval_tokens)
     if len(seqs) == 0:
         raise ValueError(f"no held-out text in {data.dataset!r} for evaluation")
-    result = spliced_metrics(sae, model, seqs, all_tokens=all_tokens)
+    if sae.cfg.n_sources > 1:
+        if all_tokens:
+            raise ValueError("all_tokens is not supported for crosscoders")
+        sources = [(model, sae.cfg.hook_name or data.hook_name), *load_cross_sources(model, data)]
+        result = crosscoder_spliced_metrics(sae, sources, seqs)
+    else:
+        result = spliced_metrics(sae, model, seqs, all_tokens=all_tokens)
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
         lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
@@ -227,7 +291,12 @@ TABLE_KEYS = (
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The eval metrics as an aligned two-column text table."""
+    """The eval metrics as an aligned two-column text table (one per source for a crosscoder)."""
+    if "per_source" in result:
+        return "\n\n".join(
+            f"source {s['source']}\n" + format_table(s | {"eval_tokens": result["eval_tokens"]})
+            for s in result["per_source"]
+        )
     rows = [(label, result[key]) for key, label in TABLE_KEYS if key in result]
     width = max(len(label) for label, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]

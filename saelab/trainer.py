@@ -10,7 +10,6 @@ import importlib.util
 import json
 import math
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,9 +250,7 @@ def train(cfg: TrainConfig) -> Path:
     (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     Trainer(cfg, sae, cache.source(cfg.seed), out).fit()
     sae.save(out)
-    if cfg.eval_tokens and sae_cfg.n_sources > 1:
-        print("crosscoder trained; its evaluation with the model spliced in is not implemented yet", file=sys.stderr)
-    elif cfg.eval_tokens:
+    if cfg.eval_tokens:
         from saelab.evals import evaluate_run
 
         evaluate_run(out, get_model(), cfg.data, cfg.eval_tokens)

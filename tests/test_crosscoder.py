@@ -258,3 +258,21 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
         assert np.isfinite(diff["nu_error"][[r.feature for r in rows if r.n_fires]]).all()
         low = (diff["nu_error"] < 0.5) & (diff["nu_recon"] < 0.5)
         assert fs.diffing_counts("cc", nu_below=0.5) == diff[low]["diff_class"].value_counts().to_dict()
+    # Training evaluated the crosscoder spliced into each source's model (eval_tokens = 256): source 1
+    # (layer 0) gets its own slice of the joint reconstruction, and CE matches a manual splice.
+    import json
+
+    from saelab.evals import format_table, next_token_logprobs
+
+    result = json.loads((out / "eval.json").read_text())
+    assert [s["source"] for s in result["per_source"]] == [f"{model.name}@blocks.1.hook_resid_post",
+                                                            f"{model.name}@blocks.0.hook_resid_post"]  # fmt: skip
+    assert "source" in format_table(result) and result["eval_tokens"] == toks.numel()
+    with torch.no_grad():
+        flat = x.view(-1, 2, 32)
+        recon = cc.decode(cc.encode(flat))[:, 1]
+        keep = keep_mask(flat.reshape(len(flat), -1), cc.cfg.exclude_norm_above)
+        new = torch.where(keep[:, None], recon, flat[:, 1]).view(*toks.shape, 32)
+        logits = model.run_with_hooks(toks, [("blocks.0.hook_resid_post", lambda act, hook: new.to(act))])
+    ce = next_token_logprobs(logits, toks)[1].mean().item()
+    assert result["per_source"][1]["ce_loss_sae"] == pytest.approx(ce, rel=1e-4)
