@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.activations import check_sources, keep_mask, load_cross_sources, read_sources, token_sequences
+from saelab.activations import check_sources, keep_mask, load_cross_sources, token_sequences
 from saelab.config import DataConfig, from_dict
-from saelab.models import LanguageModel
+from saelab.models import HookFn, LanguageModel
 from saelab.sae import SAE
 
 DENSE_THRESHOLD = 0.1
@@ -95,31 +95,29 @@ def next_token_logprobs(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]
     return logp, ce
 
 
-HookFn = Callable[[Tensor, Any], Tensor]
-
-
 def _ce_kl(
-    model: LanguageModel, hook: str, sequences: Tensor, batch_size: int, desc: str,
-    runs_for: Callable[[Tensor], list[tuple[str, HookFn]]],
-) -> tuple[dict[str, float], int]:  # fmt: skip
-    """Mean CE of the clean model and of each run `runs_for(tokens)` names (its hook fn at `hook`),
-    and KL(clean || run) for every run but 'zero'; also returns the number of tokens read."""
-    sums: dict[str, float] = {}
-    n_pred = n_tok = 0
+    model: LanguageModel, hook: str, toks: Tensor, runs: list[tuple[str, HookFn]], sums: dict[str, float],
+    clean_logits: Tensor | None = None,
+) -> int:  # fmt: skip
+    """Add one batch's summed CE of the clean model (its `clean_logits` if already computed) and of
+    each run (its hook fn at `hook`), and KL(clean || run) for every run but 'zero', into `sums`;
+    returns the number of predictions."""
+    logits = clean_logits if clean_logits is not None else model.run_with_hooks(toks)
+    logp_clean, ce = next_token_logprobs(logits, toks)
+    sums["ce_clean"] = sums.get("ce_clean", 0.0) + float(ce.sum())
+    p_clean = logp_clean.exp()
+    for name, fn in runs:
+        logp, ce = next_token_logprobs(model.run_with_hooks(toks, [(hook, fn)]), toks)
+        sums[f"ce_{name}"] = sums.get(f"ce_{name}", 0.0) + float(ce.sum())
+        if name != "zero":
+            kl = "kl" if name == "sae" else f"kl_{name}"
+            sums[kl] = sums.get(kl, 0.0) + float((p_clean * (logp_clean - logp)).sum())
+    return ce.numel()
+
+
+def _batches(sequences: Tensor, batch_size: int, desc: str) -> Iterator[Tensor]:
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch"):
-        toks = sequences[start : start + batch_size]
-        logp_clean, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
-        sums["ce_clean"] = sums.get("ce_clean", 0.0) + float(ce.sum())
-        p_clean = logp_clean.exp()
-        for name, fn in runs_for(toks):
-            logp, ce = next_token_logprobs(model.run_with_hooks(toks, [(hook, fn)]), toks)
-            sums[f"ce_{name}"] = sums.get(f"ce_{name}", 0.0) + float(ce.sum())
-            if name != "zero":
-                kl = "kl" if name == "sae" else f"kl_{name}"
-                sums[kl] = sums.get(kl, 0.0) + float((p_clean * (logp_clean - logp)).sum())
-        n_pred += ce.numel()
-        n_tok += toks.numel()
-    return {k: v / max(n_pred, 1) for k, v in sums.items()}, n_tok
+        yield sequences[start : start + batch_size]
 
 
 def _ce_summary(avg: dict[str, float]) -> dict[str, float]:
@@ -166,11 +164,14 @@ def spliced_metrics(
 
         return fn
 
-    def runs_for(toks: Tensor) -> list[tuple[str, HookFn]]:
-        runs = [("sae", splice(True)), ("zero", splice(False, zero=True))]
-        return [*runs, ("all", splice(False, everywhere=True))] if all_tokens else runs
-
-    avg, n_tok = _ce_kl(model, hook, sequences, batch_size, "eval (SAE spliced in)", runs_for)
+    runs = [("sae", splice(True)), ("zero", splice(False, zero=True))]
+    runs += [("all", splice(False, everywhere=True))] if all_tokens else []
+    sums: dict[str, float] = {}
+    n_pred = n_tok = 0
+    for toks in _batches(sequences, batch_size, "eval (SAE spliced in)"):
+        n_pred += _ce_kl(model, hook, toks, runs, sums)
+        n_tok += toks.numel()
+    avg = {k: v / max(n_pred, 1) for k, v in sums.items()}
     out = stats.metrics() | _ce_summary(avg) | {"outlier_frac": n_outliers / max(n_tok, 1), "eval_tokens": n_tok}
     if all_tokens:
         out |= {"ce_loss_all_tokens": avg["ce_all"], "kl_div_all_tokens": avg["kl_all"]}
@@ -195,29 +196,41 @@ def crosscoder_spliced_metrics(
         raise ValueError(f"crosscoder d_in = {cc.d_in} does not match {len(sources)} sources of width {width}")
     cc.eval()
     S, device = len(sources), next(cc.parameters()).device
-    per_source = []
-    for s, (model, hook) in enumerate(sources):
-        stats = _ReconStats(cc.d_sae, device)
-
-        def runs_for(toks: Tensor, s: int = s, stats: _ReconStats = stats) -> list[tuple[str, HookFn]]:
-            x = read_sources(sources, toks).reshape(-1, S, width).to(device, torch.float32)
-            keep = keep_mask(x.reshape(len(x), -1), cc.cfg.exclude_norm_above)
-            codes = cc.encode(x)
-            recon = cc.decode(codes)[:, s]
-            stats.update(x[keep, s], recon[keep], codes[keep])
-
-            def put(new: Tensor) -> HookFn:
-                def fn(act: Tensor, hook: Any) -> Tensor:
-                    flat = act.reshape(-1, act.shape[-1])
-                    return torch.where(keep[:, None].to(flat.device), new.to(flat), flat).view_as(act)
-
-                return fn
-
-            return [("sae", put(recon)), ("zero", put(torch.zeros_like(recon)))]
-
-        avg, n_tok = _ce_kl(model, hook, sequences, batch_size, f"eval source {s} (crosscoder spliced in)", runs_for)
-        per_source.append({"source": f"{model.name}@{hook}"} | stats.metrics() | _ce_summary(avg))
+    stats = [_ReconStats(cc.d_sae, device) for _ in sources]
+    sums: list[dict[str, float]] = [{} for _ in sources]
+    n_pred = n_tok = 0
+    for toks in _batches(sequences, batch_size, "eval (crosscoder spliced into each source)"):
+        # One clean pass per source gives both its logits and its activations at the hook.
+        grabbed: list[list[Tensor]] = [[] for _ in sources]
+        clean = [
+            model.run_with_hooks(toks, [(hook, lambda act, hook, g=g: g.append(act.detach()))])
+            for (model, hook), g in zip(sources, grabbed, strict=True)
+        ]
+        x = torch.stack([g[0] for g in grabbed], dim=-2).reshape(-1, S, width).to(device, torch.float32)
+        keep = keep_mask(x.reshape(len(x), -1), cc.cfg.exclude_norm_above)
+        codes = cc.encode(x)
+        recon = cc.decode(codes)
+        for s, (model, hook) in enumerate(sources):
+            stats[s].update(x[keep, s], recon[keep, s], codes[keep])
+            runs = [("sae", _put(recon[:, s], keep)), ("zero", _put(torch.zeros_like(recon[:, s]), keep))]
+            n = _ce_kl(model, hook, toks, runs, sums[s], clean_logits=clean[s])
+        n_pred += n
+        n_tok += toks.numel()
+    per_source = [
+        {"source": f"{model.name}@{hook}"} | st.metrics() | _ce_summary({k: v / max(n_pred, 1) for k, v in sm.items()})
+        for (model, hook), st, sm in zip(sources, stats, sums, strict=True)
+    ]
     return {"per_source": per_source, "eval_tokens": n_tok}
+
+
+def _put(new: Tensor, keep: Tensor) -> HookFn:
+    """Hook fn replacing the activations at kept tokens [N] with `new` [N, d]; the others pass through."""
+
+    def fn(act: Tensor, hook: Any) -> Tensor:
+        flat = act.reshape(-1, act.shape[-1])
+        return torch.where(keep[:, None].to(flat.device), new.to(flat), flat).view_as(act)
+
+    return fn
 
 
 def _recovered(clean: float, sae: float, zero: float) -> float:
