@@ -120,6 +120,8 @@ class Analyzer:
                 f"of {model.name} (width {width})"
             )
         self.sae, self.model, self.data, self.cfg = sae.eval(), model, data, cfg
+        # Each latent's decoder per source in model units [d_sae, S, d]; the weights stay fixed here.
+        self.source_dirs = sae.decoder_directions().float().view(sae.d_sae, len(self.sources), -1)
         self.hook, self.sae_id, self.run_dir = hook, sae_id, Path(run_dir) if run_dir else None
         self.work = Path(work_dir)
         self.ctx = data.context_size
@@ -224,7 +226,7 @@ class Analyzer:
         from saelab.diffing import ScalingRatios
 
         sae = self.sae
-        fit = ScalingRatios(sae.decoder_directions().float().view(sae.d_sae, 2, -1))
+        fit = ScalingRatios(self.source_dirs)
         for lo in range(0, len(x), rows):
             part = SparseCode(code.values[lo : lo + rows], code.indices[lo : lo + rows])
             acts = torch.zeros(len(part.values), sae.d_sae, device=x.device)
@@ -237,8 +239,7 @@ class Analyzer:
         """nu_error / nu_recon per latent of a two-source crosscoder, from every chunk's spilled sums."""
         from saelab.diffing import ScalingRatios
 
-        sae = self.sae
-        fit = ScalingRatios(sae.decoder_directions().float().view(sae.d_sae, 2, -1))
+        fit = ScalingRatios(self.source_dirs)
         for i in range(n_chunks):
             with np.load(self._chunk_path(i)) as z:
                 fit.add_sums(torch.from_numpy(z["scaling"]))
@@ -415,8 +416,7 @@ class Analyzer:
         """Logit effects through the unembedding and decoder-cosine neighbours of every feature."""
         cfg, sae = self.cfg, self.sae
         W_dec = sae.W_dec.detach().float()
-        dirs = sae.decoder_directions().float()
-        per_source = dirs.view(sae.d_sae, len(self.sources), -1)
+        per_source = self.source_dirs
         # A crosscoder latent's logit effect is read through the source it writes to most.
         dominant = per_source.norm(dim=2).argmax(1)
         unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -466,7 +466,7 @@ class Analyzer:
         from saelab.diffing import classify, decoder_cosines, relative_norms
 
         sae = self.sae
-        norms = sae.decoder_directions().float().view(sae.d_sae, len(self.sources), -1).norm(dim=2)
+        norms = self.source_dirs.norm(dim=2)
         n = sae.d_sae
         cols: dict[str, Any] = {
             "sae_id": pa.array([self.sae_id] * n, pa.string()),
