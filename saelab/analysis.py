@@ -221,18 +221,13 @@ class Analyzer:
                 on_chunk(i)
         return n_chunks
 
-    def _scaling_sums(self, x: torch.Tensor, code: SparseCode, rows: int = 1024) -> np.ndarray:
-        """Latent Scaling sums (saelab.diffing.ScalingRatios) of one chunk, in batches of `rows` tokens."""
+    def _scaling_sums(self, x: torch.Tensor, code: SparseCode) -> np.ndarray:
+        """Latent Scaling sums (saelab.diffing.ScalingRatios) of one chunk."""
         from saelab.diffing import ScalingRatios
 
-        sae = self.sae
         fit = ScalingRatios(self.source_dirs)
-        for lo in range(0, len(x), rows):
-            part = SparseCode(code.values[lo : lo + rows], code.indices[lo : lo + rows])
-            acts = torch.zeros(len(part.values), sae.d_sae, device=x.device)
-            acts.scatter_(1, part.indices, part.values.float())
-            recon = sae.decode(part).float()
-            fit.update(x[lo : lo + rows].view(len(acts), 2, -1), recon.view(len(acts), 2, -1), acts)
+        code = SparseCode(code.values.float(), code.indices)
+        fit.update(x.view(len(x), 2, -1), self.sae.decode(code).float().view(len(x), 2, -1), code)
         return fit.sums().cpu().numpy()
 
     def scaling_ratios(self, n_chunks: int) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from saelab.crosscoder import CrossCoder
+from saelab.sae import SparseCode
 
 CLASSES = ("A-only", "shared", "B-only")
 
@@ -62,20 +63,33 @@ class LatentScaling:
         self.num = torch.zeros(d_sae, dtype=torch.float64, device=self.directions.device)
         self.f_sq = torch.zeros(d_sae, dtype=torch.float64, device=self.directions.device)
 
-    def update(self, acts: Tensor, targets: Tensor, own_dot: Tensor | None = None) -> None:
-        """Add a batch: latent activations [N, d_sae] and the targets to explain [N, d].
+    def update(self, acts: Tensor | SparseCode, targets: Tensor, own_dot: Tensor | None = None) -> None:
+        """Add a batch: latent activations (dense [N, d_sae] or a `SparseCode`) and the targets [N, d].
 
         `own_dot` [d_sae] = <d_j, c_j> fits latent j to `targets - f_j c_j` instead (e.g. c_j = j's own
         decoder in that source: the target without j's contribution), at no extra cost.
         """
-        if acts.shape[0] != targets.shape[0] or targets.shape[1] != self.directions.shape[1]:
+        n = acts.values.shape[0] if isinstance(acts, SparseCode) else acts.shape[0]
+        if n != targets.shape[0] or targets.shape[1] != self.directions.shape[1]:
+            shape = tuple(acts.values.shape) if isinstance(acts, SparseCode) else tuple(acts.shape)
             raise ValueError(
-                f"acts {tuple(acts.shape)} and targets {tuple(targets.shape)} do not match "
+                f"acts {shape} and targets {tuple(targets.shape)} do not match "
                 f"directions {tuple(self.directions.shape)}"
             )
-        f = acts.double()
-        f_sq = f.pow(2).sum(0)
-        self.num += (f * (targets.double() @ self.directions.double().T)).sum(0)
+        if isinstance(acts, SparseCode):
+            k = acts.values.shape[1]
+            rows = torch.arange(n, device=targets.device).repeat_interleave(k)
+            cols, f = acts.indices.reshape(-1), acts.values.reshape(-1).double()
+        else:
+            rows, cols = acts.nonzero(as_tuple=True)
+            f = acts[rows, cols].double()
+        # sum_n f_nj <d_j, y_n> = <d_j, sum_n f_nj y_n>: a sparse [d_sae, N] x [N, d] product does
+        # ~k/d_sae of the dense work and never builds [N, d_sae] or [N, k, d].
+        F_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), f, (len(self.num), n), check_invariants=False)
+        with torch.autocast(targets.device.type, enabled=False):
+            weighted = torch.sparse.mm(F_t, targets.double())
+        f_sq = torch.zeros_like(self.f_sq).index_add_(0, cols, f * f)
+        self.num += (weighted * self.directions.double()).sum(1)
         if own_dot is not None:
             self.num -= f_sq * own_dot.double()
         self.f_sq += f_sq
@@ -117,8 +131,9 @@ class ScalingRatios:
         self.own_dot = (dirs[:, None, :] * decoders).sum(2)  # [d_sae, 2]: <d_j, D_s[j]>
         self.fits = {(kind, s): LatentScaling(dirs) for kind in self.KINDS for s in (0, 1)}
 
-    def update(self, x: Tensor, recon: Tensor, acts: Tensor) -> None:
-        """Add a batch: activations and reconstructions [N, 2, d] (model units), latent activations [N, d_sae]."""
+    def update(self, x: Tensor, recon: Tensor, acts: Tensor | SparseCode) -> None:
+        """Add a batch: activations and reconstructions [N, 2, d] (model units), latent activations
+        (dense [N, d_sae] or a `SparseCode`)."""
         for s in (0, 1):
             self.fits["error", s].update(acts, x[:, s] - recon[:, s], own_dot=-self.own_dot[:, s])
             other = (self.owner != s).to(self.own_dot)
@@ -144,8 +159,9 @@ class ScalingRatios:
         return out
 
 
-def latent_scaling(acts: Tensor, directions: Tensor, targets: Tensor) -> Tensor:
-    """Closed-form Latent Scaling betas [d_sae] for acts [N, d_sae], directions [d_sae, d], targets [N, d]."""
+def latent_scaling(acts: Tensor | SparseCode, directions: Tensor, targets: Tensor) -> Tensor:
+    """Closed-form Latent Scaling betas [d_sae] for acts (dense [N, d_sae] or a `SparseCode`),
+    directions [d_sae, d] and targets [N, d]."""
     fit = LatentScaling(directions)
     fit.update(acts, targets)
     return fit.betas()

@@ -11,6 +11,7 @@ from saelab.activations import ArrayActivations, source_activations
 from saelab.config import ConfigError
 from saelab.crosscoder import CrossCoder
 from saelab.diffing import CLASSES, ScalingRatios, classify, decoder_cosines, latent_scaling, relative_norms
+from saelab.sae import SparseCode
 from saelab.trainer import Trainer
 
 
@@ -91,6 +92,11 @@ def test_latent_scaling_matches_least_squares() -> None:
         want = torch.linalg.lstsq(A, y.reshape(-1, 1).double()).solution.item()
         assert betas[j].item() == pytest.approx(want, rel=1e-9)
     assert torch.isnan(betas[4])
+    # The sparse form (k = 4 slots per token, zero-padded where fewer fire) gives the same fit.
+    values, indices = acts.topk(4, dim=1)
+    torch.testing.assert_close(latent_scaling(SparseCode(values, indices), dirs, y), betas, equal_nan=True)
+    with pytest.raises(ValueError, match="do not match"):
+        latent_scaling(SparseCode(values[1:], indices[1:]), dirs, y)
 
 
 def test_scaling_ratios_flag_shrinkage_and_decoupling() -> None:
