@@ -84,6 +84,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from saelab.diffing import report
+    from saelab.store import FeatureStore
+
+    with FeatureStore(args.store) as fs:
+        print(report(fs, args.sae_id, top=args.top, examples=args.examples, nu_below=args.nu_below))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `saelab` argument parser."""
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and browse sparse autoencoders.")
@@ -126,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--context_size", type=int, default=128, help="tokens per sequence")
     ft.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
     ft.add_argument("--seed", type=int, default=0, help="seed for data order")
+    df = sub.add_parser(
+        "diff",
+        help="summarise an analysed crosscoder's model diffing from the feature store",
+        description="Latents per diffing class (and how many Latent Scaling confirms), then the latents that "
+        "lean most to each source with their top activating contexts.",
+    )
+    df.add_argument("sae_id", help="id of the crosscoder in the store (the run directory's name by default)")
+    df.add_argument("--store", default=DEFAULT_STORE, help=f"feature store file (default: {DEFAULT_STORE})")
+    df.add_argument("--top", type=int, default=5, help="latents to show per source")
+    df.add_argument("--examples", type=int, default=3, help="top examples to show per latent")
+    df.add_argument("--nu_below", type=float, default=0.3, help="Latent Scaling cut for confirmed latents")
     return parser
 
 
@@ -146,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "analyze":
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir", "store", "name")}
             return _cmd_analyze(args, overrides)
+        if args.command == "diff":
+            return _cmd_diff(args)
         return _cmd_eval(args)
     except (ConfigError, CheckpointError, StoreError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"saelab {args.command}: error: {e}", file=sys.stderr)

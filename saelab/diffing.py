@@ -17,12 +17,16 @@ Per latent j with decoder directions d_j^A, d_j^B (one per source):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saelab.crosscoder import CrossCoder
 from saelab.sae import SparseCode
+
+if TYPE_CHECKING:
+    from saelab.store import FeatureStore
 
 CLASSES = ("A-only", "shared", "B-only")
 
@@ -165,3 +169,35 @@ def latent_scaling(acts: Tensor | SparseCode, directions: Tensor, targets: Tenso
     fit = LatentScaling(directions)
     fit.update(acts, targets)
     return fit.betas()
+
+
+def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_below: float = 0.3) -> str:
+    """A text summary of an analysed two-source crosscoder's diffing, from the feature store.
+
+    Latents per class (by relative decoder norm) and how many of them Latent Scaling confirms as
+    source-specific (nu_error and nu_recon below `nu_below`); then, for each source, the `top` latents
+    that lean most to it, with their Latent Scaling ratios and their `examples` top activating contexts.
+    Only latents that fired in the analysis are listed.
+    """
+    info = fs.sae(sae_id)
+    df = fs.diffing(sae_id)
+    if "rel_norm" not in df or df["rel_norm"].isna().all():
+        raise ValueError(f"{sae_id!r} has no diffing metrics: analyse a two-source crosscoder to get them")
+    sources = info.params.get("sources") or ["source A", "source B"]
+    counts, confirmed = fs.diffing_counts(sae_id), fs.diffing_counts(sae_id, nu_below=nu_below)
+    lines = [
+        f"{sae_id}: {info.d_sae} latents over A = {sources[0]}, B = {sources[1]} ({info.n_tokens} tokens)",
+        f"  {'class':<8} {'latents':>8} {f'nu < {nu_below:g}':>10}",
+        *(f"  {c:<8} {counts.get(c, 0):>8} {confirmed.get(c, 0):>10}" for c in CLASSES),
+    ]
+    fired = df[df["nu_error"].notna()]
+    for name, source, ascending in (("B", sources[1], False), ("A", sources[0], True)):
+        lines.append(f"\nlatents leaning most to {name} ({source}):")
+        for row in fired.sort_values("rel_norm", ascending=ascending).head(top).itertuples():
+            lines.append(
+                f"  #{row.feature:<6} {row.diff_class:<7} rel norm {row.rel_norm:.3f}  cos {row.dec_cos:+.2f}"
+                f"  nu_error {row.nu_error:.2f}  nu_recon {row.nu_recon:.2f}"
+            )
+            top_examples = fs.dashboard(sae_id, row.feature).top_examples[:examples]
+            lines += [f"      {ex.act:7.2f}  {ex.marked()}" for ex in top_examples]
+    return "\n".join(lines)

@@ -237,6 +237,13 @@ class Example:
     index: int
     """Index of the example's token within `tokens`."""
 
+    def marked(self, before: int = 16, after: int = 4) -> str:
+        """The window as one line of text, the example's token in [brackets] with `before` / `after`
+        tokens of context (newlines shown as a return sign)."""
+        i, t = self.index, self.tokens
+        text = "".join(t[max(0, i - before) : i]) + f"[{t[i]}]" + "".join(t[i + 1 : i + 1 + after])
+        return text.replace("\n", "\u21b5")
+
 
 @dataclass(frozen=True)
 class FeatureDashboard:

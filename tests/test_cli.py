@@ -67,6 +67,8 @@ def test_train_then_eval_json(tiny_model_dir, corpus_dir, tmp_path) -> None:
         info = fs.sae("tiny")
         assert info.eval["l0"] == pytest.approx(4.0) and info.params["n_top"] == 3
         assert "fvu" in fs.train_metrics("tiny")
+    diff = saelab("diff", "tiny", "--store", str(store))
+    assert diff.returncode == 2 and "no diffing metrics" in diff.stderr
 
 
 @pytest.mark.parametrize(

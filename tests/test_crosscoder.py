@@ -206,7 +206,7 @@ def test_finetune_makes_a_diffable_pair(tiny_model, tiny_model_dir, corpus_dir, 
                  "--steps", "0"]) == 2  # fmt: skip
 
 
-def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_dir, tmp_path) -> None:
+def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_dir, tmp_path, capsys) -> None:
     from test_cli import tiny_args
 
     from saelab.activations import ActivationCache
@@ -264,6 +264,18 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
         assert np.isfinite(diff["nu_error"][[r.feature for r in rows if r.n_fires]]).all()
         low = (diff["nu_error"] < 0.5) & (diff["nu_recon"] < 0.5)
         assert fs.diffing_counts("cc", nu_below=0.5) == diff[low]["diff_class"].value_counts().to_dict()
+    # `saelab diff` prints the counts, then per source the fired latents leaning most to it, with examples.
+    capsys.readouterr()
+    assert main(["diff", "cc", "--store", str(store), "--top", "2", "--examples", "1"]) == 0
+    text = capsys.readouterr().out
+    counts = {c: int((diff["diff_class"] == c).sum()) for c in CLASSES}
+    assert all(f"{c:<8} {n:>8}" in text for c, n in counts.items())
+    by_rel = diff[diff["nu_error"].notna()].sort_values("rel_norm")["feature"].tolist()
+    to_b, to_a = text.split("leaning most to B")[1].split("leaning most to A")
+    assert [int(w[1:]) for w in to_b.split() if w.startswith("#")] == by_rel[::-1][:2]
+    assert [int(w[1:]) for w in to_a.split() if w.startswith("#")] == by_rel[:2]
+    assert to_a.count("[") == 2  # one example per latent, its token in brackets
+    assert main(["diff", "nope", "--store", str(store)]) == 2
     # Training evaluated the crosscoder spliced into each source's model (eval_tokens = 256): source 1
     # (layer 0) gets its own slice of the joint reconstruction, and CE matches a manual splice.
     import json
