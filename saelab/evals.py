@@ -143,39 +143,11 @@ def spliced_metrics(
     width = model.hook_width(hook)
     if width != sae.d_in:
         raise ValueError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} of {model.name} (width {width})")
-    sae.eval()
-    stats = _ReconStats(sae.d_sae, next(sae.parameters()).device)
-    n_outliers = 0
-
-    def splice(record: bool, everywhere: bool = False, zero: bool = False) -> HookFn:
-        def fn(act: Tensor, hook: Any) -> Tensor:
-            nonlocal n_outliers
-            flat = act.reshape(-1, act.shape[-1])
-            keep = keep_mask(flat, 0.0 if everywhere else sae.cfg.exclude_norm_above)
-            if zero:
-                new = torch.zeros_like(flat)
-            else:
-                codes = sae.encode(flat.to(sae.W_enc.device))
-                new = sae.decode(codes).to(flat.dtype)
-                if record:
-                    stats.update(flat[keep], new[keep], codes[keep])
-                    n_outliers += int((~keep).sum())
-            return torch.where(keep[:, None], new, flat).view_as(act)
-
-        return fn
-
-    runs = [("sae", splice(True)), ("zero", splice(False, zero=True))]
-    runs += [("all", splice(False, everywhere=True))] if all_tokens else []
-    sums: dict[str, float] = {}
-    n_pred = n_tok = 0
-    for toks in _batches(sequences, batch_size, "eval (SAE spliced in)"):
-        n_pred += _ce_kl(model, hook, toks, runs, sums)
-        n_tok += toks.numel()
-    avg = {k: v / max(n_pred, 1) for k, v in sums.items()}
-    out = stats.metrics() | _ce_summary(avg) | {"outlier_frac": n_outliers / max(n_tok, 1), "eval_tokens": n_tok}
+    desc = "eval (SAE spliced in)"
+    (out,), n_tok = _splice_each_source(sae, [(model, hook)], sequences, batch_size, all_tokens, desc)
     if all_tokens:
-        out |= {"ce_loss_all_tokens": avg["ce_all"], "kl_div_all_tokens": avg["kl_all"]}
-    return out
+        out |= {"ce_loss_all_tokens": out.pop("ce_all"), "kl_div_all_tokens": out.pop("kl_all")}
+    return out | {"eval_tokens": n_tok}
 
 
 @torch.no_grad()
@@ -186,41 +158,60 @@ def crosscoder_spliced_metrics(
 
     The crosscoder encodes all sources' clean activations of a batch jointly; each source's model is
     then run with its own slice of the reconstruction at its hook (massive-norm tokens, by joint norm
-    as in training, pass through). Up to that hook the spliced run equals the clean one, so the
-    reconstruction from the clean pass is the one the spliced model would compute there.
+    as in training, pass through).
     """
     if len(sources) != cc.cfg.n_sources:
         raise ValueError(f"the crosscoder reads {cc.cfg.n_sources} sources; {len(sources)} given")
     width = check_sources(sources)
     if width * len(sources) != cc.d_in:
         raise ValueError(f"crosscoder d_in = {cc.d_in} does not match {len(sources)} sources of width {width}")
-    cc.eval()
-    S, device = len(sources), next(cc.parameters()).device
-    stats = [_ReconStats(cc.d_sae, device) for _ in sources]
+    per_source, n_tok = _splice_each_source(cc, sources, sequences, batch_size, False, "eval (crosscoder spliced in)")
+    return {"per_source": [{"source": f"{m.name}@{h}"} | r for (m, h), r in zip(sources, per_source, strict=True)],
+            "eval_tokens": n_tok}  # fmt: skip
+
+
+def _splice_each_source(
+    sae: SAE, sources: Sequence[tuple[LanguageModel, str]], sequences: Tensor, batch_size: int, all_tokens: bool,
+    desc: str,
+) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """Reconstruction and CE / KL metrics per source, and the number of tokens seen.
+
+    Each batch's clean activations of all sources are encoded jointly (one source: an SAE); each
+    source's model then runs with its slice of the reconstruction at its hook, massive-norm tokens (by
+    joint norm, as in training) passing through unless `all_tokens` adds a run that splices them too.
+    Up to the hook a spliced run equals the clean one, so the clean pass, which also gives the clean
+    logits, yields the activations the spliced model would encode there.
+    """
+    sae.eval()
+    S, device = len(sources), next(sae.parameters()).device
+    stats = [_ReconStats(sae.d_sae, device) for _ in sources]
     sums: list[dict[str, float]] = [{} for _ in sources]
-    n_pred = n_tok = 0
-    for toks in _batches(sequences, batch_size, "eval (crosscoder spliced into each source)"):
-        # One clean pass per source gives both its logits and its activations at the hook.
+    n_pred = n_tok = n_outliers = 0
+    for toks in _batches(sequences, batch_size, desc):
         grabbed: list[list[Tensor]] = [[] for _ in sources]
         clean = [
             model.run_with_hooks(toks, [(hook, lambda act, hook, g=g: g.append(act.detach()))])
             for (model, hook), g in zip(sources, grabbed, strict=True)
         ]
-        x = torch.stack([g[0] for g in grabbed], dim=-2).reshape(-1, S, width).to(device, torch.float32)
-        keep = keep_mask(x.reshape(len(x), -1), cc.cfg.exclude_norm_above)
-        codes = cc.encode(x)
-        recon = cc.decode(codes)
+        x = torch.cat([g[0].reshape(toks.numel(), -1) for g in grabbed], dim=1).to(device, torch.float32)
+        keep = keep_mask(x, sae.cfg.exclude_norm_above)
+        codes = sae.encode(x)
+        recon = sae.decode(codes).reshape(len(x), S, -1)
         for s, (model, hook) in enumerate(sources):
-            stats[s].update(x[keep, s], recon[keep, s], codes[keep])
+            x_s = x.view(len(x), S, -1)[:, s]
+            stats[s].update(x_s[keep], recon[keep, s], codes[keep])
             runs = [("sae", _put(recon[:, s], keep)), ("zero", _put(torch.zeros_like(recon[:, s]), keep))]
+            runs += [("all", _put(recon[:, s], torch.ones_like(keep)))] if all_tokens else []
             n = _ce_kl(model, hook, toks, runs, sums[s], clean_logits=clean[s])
         n_pred += n
         n_tok += toks.numel()
-    per_source = [
-        {"source": f"{model.name}@{hook}"} | st.metrics() | _ce_summary({k: v / max(n_pred, 1) for k, v in sm.items()})
-        for (model, hook), st, sm in zip(sources, stats, sums, strict=True)
-    ]
-    return {"per_source": per_source, "eval_tokens": n_tok}
+        n_outliers += int((~keep).sum())
+    results = []
+    for st, sm in zip(stats, sums, strict=True):
+        avg = {k: v / max(n_pred, 1) for k, v in sm.items()}
+        extra = {k: avg[k] for k in ("ce_all", "kl_all") if k in avg}
+        results.append(st.metrics() | _ce_summary(avg) | {"outlier_frac": n_outliers / max(n_tok, 1)} | extra)
+    return results, n_tok
 
 
 def _put(new: Tensor, keep: Tensor) -> HookFn:
