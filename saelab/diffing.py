@@ -190,7 +190,9 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
         f"  {'class':<8} {'latents':>8} {f'nu < {nu_below:g}':>10}",
         *(f"  {c:<8} {counts.get(c, 0):>8} {confirmed.get(c, 0):>10}" for c in CLASSES),
     ]
-    fired = df[df["nu_error"].notna()]
+    # By n_fires, not by a finite nu: stores analysed before schema v4 have no Latent Scaling ratios.
+    fired_ids = fs.query("SELECT feature FROM features WHERE sae_id = ? AND n_fires > 0", [sae_id])["feature"]
+    fired = df[df["feature"].isin(fired_ids)]
     for name, source, ascending in (("B", sources[1], False), ("A", sources[0], True)):
         lines.append(f"\nlatents leaning most to {name} ({source}):")
         for row in fired.sort_values("rel_norm", ascending=ascending).head(top).itertuples():
