@@ -73,11 +73,11 @@ class LatentScaling:
         `own_dot` [d_sae] = <d_j, c_j> fits latent j to `targets - f_j c_j` instead (e.g. c_j = j's own
         decoder in that source: the target without j's contribution), at no extra cost.
         """
-        n = acts.values.shape[0] if isinstance(acts, SparseCode) else acts.shape[0]
+        lead = acts.values if isinstance(acts, SparseCode) else acts
+        n = lead.shape[0]
         if n != targets.shape[0] or targets.shape[1] != self.directions.shape[1]:
-            shape = tuple(acts.values.shape) if isinstance(acts, SparseCode) else tuple(acts.shape)
             raise ValueError(
-                f"acts {shape} and targets {tuple(targets.shape)} do not match "
+                f"acts {tuple(lead.shape)} and targets {tuple(targets.shape)} do not match "
                 f"directions {tuple(self.directions.shape)}"
             )
         if isinstance(acts, SparseCode):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +97,12 @@ def next_token_logprobs(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]
 
 def _ce_kl(
     model: LanguageModel, hook: str, toks: Tensor, runs: list[tuple[str, HookFn]], sums: dict[str, float],
-    clean_logits: Tensor | None = None,
+    clean_logits: Tensor,
 ) -> int:  # fmt: skip
-    """Add one batch's summed CE of the clean model (its `clean_logits` if already computed) and of
-    each run (its hook fn at `hook`), and KL(clean || run) for every run but 'zero', into `sums`;
-    returns the number of predictions."""
-    logits = clean_logits if clean_logits is not None else model.run_with_hooks(toks)
-    logp_clean, ce = next_token_logprobs(logits, toks)
+    """Add one batch's summed CE of the clean model (from its `clean_logits`) and of each run (its hook
+    fn at `hook`), and KL(clean || run) for every run but 'zero', into `sums`; returns the number of
+    predictions."""
+    logp_clean, ce = next_token_logprobs(clean_logits, toks)
     sums["ce_clean"] = sums.get("ce_clean", 0.0) + float(ce.sum())
     p_clean = logp_clean.exp()
     for name, fn in runs:
@@ -113,11 +112,6 @@ def _ce_kl(
             kl = "kl" if name == "sae" else f"kl_{name}"
             sums[kl] = sums.get(kl, 0.0) + float((p_clean * (logp_clean - logp)).sum())
     return ce.numel()
-
-
-def _batches(sequences: Tensor, batch_size: int, desc: str) -> Iterator[Tensor]:
-    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch"):
-        yield sequences[start : start + batch_size]
 
 
 def _ce_summary(avg: dict[str, float]) -> dict[str, float]:
@@ -187,7 +181,8 @@ def _splice_each_source(
     stats = [_ReconStats(sae.d_sae, device) for _ in sources]
     sums: list[dict[str, float]] = [{} for _ in sources]
     n_pred = n_tok = n_outliers = 0
-    for toks in _batches(sequences, batch_size, desc):
+    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch"):
+        toks = sequences[start : start + batch_size]
         grabbed: list[list[Tensor]] = [[] for _ in sources]
         clean = [
             model.run_with_hooks(toks, [(hook, lambda act, hook, g=g: g.append(act.detach()))])
@@ -197,9 +192,9 @@ def _splice_each_source(
         keep = keep_mask(x, sae.cfg.exclude_norm_above)
         codes = sae.encode(x)
         recon = sae.decode(codes).reshape(len(x), S, -1)
+        per_source = x.view(len(x), S, -1)
         for s, (model, hook) in enumerate(sources):
-            x_s = x.view(len(x), S, -1)[:, s]
-            stats[s].update(x_s[keep], recon[keep, s], codes[keep])
+            stats[s].update(per_source[keep, s], recon[keep, s], codes[keep])
             runs = [("sae", _put(recon[:, s], keep)), ("zero", _put(torch.zeros_like(recon[:, s]), keep))]
             runs += [("all", _put(recon[:, s], torch.ones_like(keep)))] if all_tokens else []
             n = _ce_kl(model, hook, toks, runs, sums[s], clean_logits=clean[s])
