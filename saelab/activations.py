@@ -103,6 +103,14 @@ def load_corpus(dataset: str, split: str = "train", text_column: str = "text") -
     return ds
 
 
+def mixture_parts(dataset: str) -> list[str]:
+    """The corpora of a mixture `'a+b'` (a path that exists is one corpus, '+' or not), else `[dataset]`.
+
+    `token_sequences` alternates their sequences, so sequence i came from part `i % len(parts)`.
+    """
+    return dataset.split("+") if "+" in dataset and not Path(dataset).exists() else [dataset]
+
+
 def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens: int, seed: int = 0) -> Tensor:
     """Token sequences [n, context_size] of the training or held-out part of the corpus.
 
@@ -114,9 +122,9 @@ def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens
     """
     if part not in ("train", "eval"):
         raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
-    if "+" in cfg.dataset and not Path(cfg.dataset).exists():
-        # A mixture 'a+b': each corpus cut on its own, then sequences alternate, so tokens split evenly.
-        names = cfg.dataset.split("+")
+    names = mixture_parts(cfg.dataset)
+    if len(names) > 1:
+        # Each corpus cut on its own, then sequences alternate (see `mixture_parts`): tokens split evenly.
         parts = [
             token_sequences(model, dataclasses.replace(cfg, dataset=name), part, -(-max_tokens // len(names)), seed)
             for name in names

@@ -589,7 +589,11 @@ class Analyzer:
             "cfg": to_dict(self.sae.cfg),
             "eval": json.loads(eval_path.read_text()) if eval_path and eval_path.is_file() else None,
             "params": to_dict(self.cfg)
-            | {"sequences": len(tokens), "sources": [f"{m.name}@{h}" for m, h in self.sources]},
+            | {
+                "sequences": len(tokens),
+                "sources": [f"{m.name}@{h}" for m, h in self.sources],
+                "dataset": self.data.dataset,
+            },
             "density_edges": hist["log10_density_edges"],
             "density_counts": hist["counts"],
             "saelab_version": __version__,

@@ -17,11 +17,13 @@ Per latent j with decoder directions d_j^A, d_j^B (one per source):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from saelab.activations import mixture_parts
 from saelab.crosscoder import CrossCoder
 from saelab.sae import SparseCode
 
@@ -177,7 +179,9 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
     Latents per class (by relative decoder norm) and how many of them Latent Scaling confirms as
     source-specific (nu_error and nu_recon below `nu_below`); then, for each source, the `top` latents
     that lean most to it, with their Latent Scaling ratios and their `examples` top activating contexts.
-    Only latents that fired in the analysis are listed.
+    Only latents that fired in the analysis are listed. When the analysis read a mixture of corpora
+    ('a+b'), it also says which corpus the stored top examples come from: over all fired latents,
+    over each listed group, and per listed latent.
     """
     info = fs.sae(sae_id)
     df = fs.diffing(sae_id)
@@ -193,13 +197,35 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
     # By n_fires, not by a finite nu: stores analysed before schema v4 have no Latent Scaling ratios.
     fired_ids = fs.query("SELECT feature FROM features WHERE sae_id = ? AND n_fires > 0", [sae_id])["feature"]
     fired = df[df["feature"].isin(fired_ids)]
-    for name, source, ascending in (("B", sources[1], False), ("A", sources[0], True)):
+    groups = {name: fired.sort_values("rel_norm", ascending=name == "A").head(top) for name in ("B", "A")}
+    parts = mixture_parts(info.params.get("dataset") or "")  # older analyses record no dataset
+    origins = _example_origins(fs, sae_id, len(parts), fired["feature"]) if len(parts) > 1 else None
+    if origins is not None:
+        lines.append("\ntop examples by corpus (" + " / ".join(Path(p).name or p for p in parts) + "):")
+        named = {"all fired latents": fired, **{f"{top} leaning most to {g}": d for g, d in groups.items()}}
+        lines += [f"  {name:<26} {_shares(origins.loc[d['feature']].sum())}" for name, d in named.items()]
+    for name, source in (("B", sources[1]), ("A", sources[0])):
         lines.append(f"\nlatents leaning most to {name} ({source}):")
-        for row in fired.sort_values("rel_norm", ascending=ascending).head(top).itertuples():
+        for row in groups[name].itertuples():
+            where = "" if origins is None else f"  top examples {_shares(origins.loc[row.feature], percent=False)}"
             lines.append(
                 f"  #{row.feature:<6} {row.diff_class:<7} rel norm {row.rel_norm:.3f}  cos {row.dec_cos:+.2f}"
-                f"  nu_error {row.nu_error:.2f}  nu_recon {row.nu_recon:.2f}"
+                f"  nu_error {row.nu_error:.2f}  nu_recon {row.nu_recon:.2f}{where}"
             )
             top_examples = fs.dashboard(sae_id, row.feature).top_examples[:examples]
             lines += [f"      {ex.act:7.2f}  {ex.marked()}" for ex in top_examples]
     return "\n".join(lines)
+
+
+def _example_origins(fs: FeatureStore, sae_id: str, n_parts: int, features: Any) -> Any:
+    """[feature x corpus] counts of the stored top examples of `features` (sequence i of a mixture of
+    n corpora came from corpus i % n; see `mixture_parts`)."""
+    ex = fs.query("SELECT feature, seq % ? AS part FROM examples WHERE sae_id = ? AND kind = 'top'", [n_parts, sae_id])
+    counts = ex.groupby(["feature", "part"]).size().unstack(fill_value=0)
+    return counts.reindex(index=features, columns=range(n_parts), fill_value=0)
+
+
+def _shares(counts: Any, percent: bool = True) -> str:
+    """'12% / 88%' (or '3 / 17') for counts per corpus."""
+    total = max(1, int(counts.sum()))
+    return " / ".join(f"{100 * c / total:.0f}%" if percent else str(int(c)) for c in counts)

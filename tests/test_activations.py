@@ -14,6 +14,7 @@ from saelab.activations import (
     ArrayActivations,
     ModelActivations,
     keep_mask,
+    mixture_parts,
     norm_threshold,
     token_sequences,
 )
@@ -125,3 +126,9 @@ def test_mixed_corpora_alternate_sequences(tiny_model, tiny_model_dir, tmp_path)
         got = token_sequences(tiny_model, mix, part, 320)
         a, b = (token_sequences(tiny_model, c, part, 160) for c in (cfg_a, cfg_b))
         assert len(got) == 20 and torch.equal(got[0::2], a) and torch.equal(got[1::2], b)
+    # Which corpus a sequence came from: what the diffing report reads from a stored example's seq.
+    assert mixture_parts(mix.dataset) == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    assert mixture_parts(cfg_a.dataset) == [cfg_a.dataset] and mixture_parts("kjv") == ["kjv"]
+    plus = tmp_path / "c+d.txt"  # an existing path is one corpus, '+' in its name or not
+    plus.write_text("x")
+    assert mixture_parts(str(plus)) == [str(plus)]

@@ -213,7 +213,10 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
     from saelab.cli import main
 
     out = tmp_path / "cc"
-    args = [*tiny_args(tiny_model_dir, corpus_dir, out), "--sae.sparsifier", "batchtopk"]
+    # Two corpora mixed, so the diffing report can say which one each latent's top examples come from.
+    (tmp_path / "other.txt").write_text(" ".join(f"w{i % 97} {i}" for i in range(3_000)))
+    mix = f"{corpus_dir}+{tmp_path / 'other.txt'}"
+    args = [*tiny_args(tiny_model_dir, corpus_dir, out), "--sae.sparsifier", "batchtopk", "--data.dataset", mix]
     assert main(["train", *args, "--data.cross_sources", "blocks.0.hook_resid_post"]) == 0
     cc = SAE.load(out)
     assert isinstance(cc, CrossCoder) and (cc.n_sources, cc.d_source, cc.d_sae) == (2, 32, 64)
@@ -271,10 +274,18 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
     counts = {c: int((diff["diff_class"] == c).sum()) for c in CLASSES}
     assert all(f"{c:<8} {n:>8}" in text for c, n in counts.items())
     by_rel = diff[diff["nu_error"].notna()].sort_values("rel_norm")["feature"].tolist()
-    to_b, to_a = text.split("leaning most to B")[1].split("leaning most to A")
+    to_b, to_a = text.split("latents leaning most to B")[1].split("latents leaning most to A")
     assert [int(w[1:]) for w in to_b.split() if w.startswith("#")] == by_rel[::-1][:2]
     assert [int(w[1:]) for w in to_a.split() if w.startswith("#")] == by_rel[:2]
     assert to_a.count("[") == 2  # one example per latent, its token in brackets
+    # Per listed latent, how many stored top examples come from each corpus (odd sequences: other.txt).
+    assert f"top examples by corpus ({corpus_dir.name} / other.txt)" in text
+    with FeatureStore(store) as fs:
+        for line in (to_b + to_a).splitlines():
+            if line.lstrip().startswith("#"):
+                seqs = [ex.seq for ex in fs.dashboard("cc", int(line.split()[0][1:])).top_examples]
+                n_other = sum(s % 2 for s in seqs)
+                assert line.endswith(f"top examples {len(seqs) - n_other} / {n_other}") and seqs
     assert main(["diff", "nope", "--store", str(store)]) == 2
     # Training evaluated the crosscoder spliced into each source's model (eval_tokens = 256): source 1
     # (layer 0) gets its own slice of the joint reconstruction, and CE matches a manual splice.
