@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "diff",
         help="summarise an analysed crosscoder's model diffing from the feature store",
         description="Latents per diffing class (and how many Latent Scaling confirms), then the latents that "
-        "lean most to each source with their top activating contexts.",
+        "lean most to each source with their top activating contexts; for an analysis of a mixture of corpora "
+        "('a+b'), which corpus those latents' top examples come from.",
     )
     df.add_argument("sae_id", help="id of the crosscoder in the store (the run directory's name by default)")
     df.add_argument("--store", default=DEFAULT_STORE, help=f"feature store file (default: {DEFAULT_STORE})")
