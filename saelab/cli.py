@@ -1,16 +1,23 @@
 """Command line: `saelab train --config FILE [--key value ...]`, `saelab eval RUN_DIR [--json]`,
-`saelab analyze RUN_DIR --tokens N [--store PATH]`, `saelab finetune --out DIR`."""
+`saelab analyze RUN_DIR --tokens N [--store PATH]`, `saelab diff SAE_ID`, `saelab finetune --out DIR`.
+
+Errors saelab raises on purpose (`saelab.errors.SaelabError`: bad input, broken files) print one
+line and exit with status 2; `--debug` shows their traceback too. Anything else is a bug and keeps
+its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Sequence
 from typing import get_type_hints
 
-from saelab.config import AnalysisConfig, ConfigError, TrainConfig, apply_overrides, field_docs, load_config
+from saelab.config import AnalysisConfig, TrainConfig, apply_overrides, field_docs, load_config
+from saelab.errors import SaelabError
 
 DEFAULT_STORE = "runs/features.duckdb"
 
@@ -35,25 +42,27 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str 
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from saelab.evals import format_table
+    from saelab.results import format_table
+    from saelab.rundir import RunDir
     from saelab.trainer import train
 
     cfg = load_config(args.config) if args.config else TrainConfig()
     cfg = apply_overrides(cfg, overrides)
     run = train(cfg)
     print(f"run saved to {run}")
-    eval_path = run / "eval.json"
-    if eval_path.is_file():
-        print(format_table(json.loads(eval_path.read_text())))
+    result = RunDir(run).read_eval()
+    if result is not None:
+        print(format_table(result))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from saelab.evals import evaluate_run, format_table
+    from saelab.evals import evaluate_run
+    from saelab.results import format_table
 
     result = evaluate_run(args.run_dir, eval_tokens=args.tokens, all_tokens=args.all_tokens)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "density_histogram"}, indent=2))
+        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "density_histogram"}, indent=2))
     else:
         print(format_table(result))
     return 0
@@ -96,22 +105,27 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The `saelab` argument parser."""
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and browse sparse autoencoders.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of saelab's own errors too")
+    # Also accepted after the command; SUPPRESS keeps a subcommand from resetting the flag given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
+    add = functools.partial(sub.add_parser, parents=[common])
+    train = add(
         "train",
         help="train an SAE (harvesting activations if needed)",
         description="Train an SAE. Options override the config file's values.",
     )
     train.add_argument("--config", help="TOML or JSON TrainConfig file (see data/configs/)")
     _add_config_options(train, TrainConfig)
-    ev = sub.add_parser("eval", help="evaluate a trained SAE on held-out text")
+    ev = add("eval", help="evaluate a trained SAE on held-out text")
     ev.add_argument("run_dir", help="directory holding cfg.json and sae_weights.safetensors")
     ev.add_argument("--tokens", type=int, default=20_000, help="held-out tokens to evaluate on")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument(
         "--all-tokens", action="store_true", help="also report CE with the SAE spliced in at massive-norm tokens too"
     )
-    an = sub.add_parser(
+    an = add(
         "analyze",
         help="analyse a trained SAE's features into the DuckDB feature store",
         description="Run the model with the SAE over held-out text and write feature statistics, examples, "
@@ -122,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--name", default=None, help="id of the SAE in the store (default: the run directory's name)")
     an.add_argument("--tokens", dest="n_tokens", default=argparse.SUPPRESS, help="same as --n_tokens")
     _add_config_options(an, AnalysisConfig)
-    ft = sub.add_parser(
+    ft = add(
         "finetune",
         help="fine-tune a model on a corpus (a second model to diff against the base)",
         description="Continue training a causal LM on a corpus and save it as a Hugging Face directory.",
@@ -135,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--context_size", type=int, default=128, help="tokens per sequence")
     ft.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
     ft.add_argument("--seed", type=int, default=0, help="seed for data order")
-    df = sub.add_parser(
+    df = add(
         "diff",
         help="summarise an analysed crosscoder's model diffing from the feature store",
         description="Latents per diffing class (and how many Latent Scaling confirms), then the latents that "
@@ -152,25 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `saelab` console script."""
-    from saelab.activations import ActivationCache  # noqa: F401  (fail fast on a broken install)
-    from saelab.sae import CheckpointError
-    from saelab.store import StoreError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
             return _cmd_train(args, overrides)
         if args.command == "finetune":
             return _cmd_finetune(args)
         if args.command == "analyze":
-            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir", "store", "name")}
-            return _cmd_analyze(args, overrides)
+            skip = ("command", "run_dir", "store", "name", "debug")
+            return _cmd_analyze(args, {k: v for k, v in vars(args).items() if k not in skip})
         if args.command == "diff":
             return _cmd_diff(args)
         return _cmd_eval(args)
-    except (ConfigError, CheckpointError, StoreError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except SaelabError as e:
+        if args.debug:
+            raise
         print(f"saelab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,9 @@
 
 Every field carries a docstring directly below it; `field_docs` reads those docstrings so the CLI's
 `--help` shows them. `__post_init__` only validates: it never fills in values from the environment.
+
+This module is at the bottom of saelab's layers (no torch): it names the sparsifiers and kernel
+backends that exist, and `saelab.sparsifiers` / `saelab.ops` implement exactly those.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from saelab.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config that cannot be used: unknown keys, bad values, unreadable files."""
+SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice")
+"""The sparsifiers `saelab.sparsifiers` registers (it refuses to register any other name)."""
+
+K_FREE_SPARSIFIERS = frozenset({"relu"})
+"""Sparsifiers whose sparsity comes from a penalty rather than from k."""
+
+BACKENDS = ("auto", "torch", "triton")
+"""Kernel backends of the hot ops (`saelab.ops.resolve_backend`)."""
 
 
 @dataclass
@@ -81,11 +91,8 @@ class SAEConfig:
     source of width d_in (layers of one model, or one layer of several models)."""
 
     def __post_init__(self) -> None:
-        from saelab.ops import BACKENDS
-        from saelab.sparsifiers import SPARSIFIERS
-
-        if self.sparsifier not in SPARSIFIERS:
-            raise ConfigError(f"unknown sparsifier {self.sparsifier!r}; choose one of {sorted(SPARSIFIERS)}")
+        if self.sparsifier not in SPARSIFIER_NAMES:
+            raise ConfigError(f"unknown sparsifier {self.sparsifier!r}; choose one of {sorted(SPARSIFIER_NAMES)}")
         for name in ("d_in", "d_sae", "auxk_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -97,7 +104,7 @@ class SAEConfig:
             raise ConfigError(f"candidate_factor must be >= 1, got {self.candidate_factor}")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
-        if self.d_sae and self.k > self.d_sae and SPARSIFIERS[self.sparsifier].uses_k:
+        if self.d_sae and self.k > self.d_sae and self.sparsifier not in K_FREE_SPARSIFIERS:
             raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
@@ -298,6 +305,14 @@ class AnalysisConfig:
         for name in ("per_band", "context_before", "context_after", "n_logits", "n_neighbours"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def mixture_parts(dataset: str) -> list[str]:
+    """The corpora of a mixture `'a+b'` (a path that exists is one corpus, '+' or not), else `[dataset]`.
+
+    `saelab.corpus.token_sequences` alternates their sequences, so sequence i came from part `i % len(parts)`.
+    """
+    return dataset.split("+") if "+" in dataset and not Path(dataset).exists() else [dataset]
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saelab.activations import mixture_parts
-from saelab.crosscoder import CrossCoder
-from saelab.sae import SparseCode
-
-if TYPE_CHECKING:
-    from saelab.store import FeatureStore
+from saelab.config import mixture_parts
+from saelab.errors import DataError
+from saelab.sae import CrossCoder, SparseCode
+from saelab.store import FeatureStore
 
 CLASSES = ("A-only", "shared", "B-only")
 
@@ -53,7 +51,7 @@ def _model_unit_decoders(cc: CrossCoder) -> Tensor:
 def classify(rel_norm: Tensor, low: float = 0.1, high: float = 0.9) -> list[str]:
     """Label latents by relative norm: < low 'A-only', > high 'B-only', otherwise 'shared'."""
     if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+        raise DataError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
     return [CLASSES[0] if r < low else CLASSES[2] if r > high else CLASSES[1] for r in rel_norm.tolist()]
 
 
@@ -78,7 +76,7 @@ class LatentScaling:
         lead = acts.values if isinstance(acts, SparseCode) else acts
         n = lead.shape[0]
         if n != targets.shape[0] or targets.shape[1] != self.directions.shape[1]:
-            raise ValueError(
+            raise DataError(
                 f"acts {tuple(lead.shape)} and targets {tuple(targets.shape)} do not match "
                 f"directions {tuple(self.directions.shape)}"
             )
@@ -129,7 +127,7 @@ class ScalingRatios:
     def __init__(self, decoders: Tensor):
         """decoders [d_sae, 2, d]: each latent's decoder direction per source, in model units."""
         if decoders.dim() != 3 or decoders.shape[1] != 2:
-            raise ValueError(f"decoders must be [d_sae, 2, d]; got {tuple(decoders.shape)}")
+            raise DataError(f"decoders must be [d_sae, 2, d]; got {tuple(decoders.shape)}")
         norms = decoders.norm(dim=2)
         self.owner = (norms[:, 1] > norms[:, 0]).long()
         rows = torch.arange(len(decoders), device=decoders.device)
@@ -186,7 +184,7 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
     info = fs.sae(sae_id)
     df = fs.diffing(sae_id)
     if "rel_norm" not in df or df["rel_norm"].isna().all():
-        raise ValueError(f"{sae_id!r} has no diffing metrics: analyse a two-source crosscoder to get them")
+        raise DataError(f"{sae_id!r} has no diffing metrics: analyse a two-source crosscoder to get them")
     sources = info.params.get("sources") or ["source A", "source B"]
     counts, confirmed = fs.diffing_counts(sae_id), fs.diffing_counts(sae_id, nu_below=nu_below)
     lines = [
@@ -195,11 +193,13 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
         *(f"  {c:<8} {counts.get(c, 0):>8} {confirmed.get(c, 0):>10}" for c in CLASSES),
     ]
     # By n_fires, not by a finite nu: stores analysed before schema v4 have no Latent Scaling ratios.
-    fired_ids = fs.query("SELECT feature FROM features WHERE sae_id = ? AND n_fires > 0", [sae_id])["feature"]
-    fired = df[df["feature"].isin(fired_ids)]
+    fired = df[df["feature"].isin(fs.fired_features(sae_id))]
     groups = {name: fired.sort_values("rel_norm", ascending=name == "A").head(top) for name in ("B", "A")}
     parts = mixture_parts(info.params.get("dataset") or "")  # older analyses record no dataset
-    origins = _example_origins(fs, sae_id, len(parts), fired["feature"]) if len(parts) > 1 else None
+    origins = None
+    if len(parts) > 1:  # [fired latent x corpus] counts of stored top examples
+        origins = fs.example_origins(sae_id, len(parts))
+        origins = origins.reindex(index=fired["feature"], columns=range(len(parts)), fill_value=0)
     if origins is not None:
         lines.append("\ntop examples by corpus (" + " / ".join(Path(p).name or p for p in parts) + "):")
         named = {"all fired latents": fired, **{f"{top} leaning most to {g}": d for g, d in groups.items()}}
@@ -215,14 +215,6 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
             top_examples = fs.dashboard(sae_id, row.feature).top_examples[:examples]
             lines += [f"      {ex.act:7.2f}  {ex.marked()}" for ex in top_examples]
     return "\n".join(lines)
-
-
-def _example_origins(fs: FeatureStore, sae_id: str, n_parts: int, features: Any) -> Any:
-    """[feature x corpus] counts of the stored top examples of `features` (sequence i of a mixture of
-    n corpora came from corpus i % n; see `mixture_parts`)."""
-    ex = fs.query("SELECT feature, seq % ? AS part FROM examples WHERE sae_id = ? AND kind = 'top'", [n_parts, sae_id])
-    counts = ex.groupby(["feature", "part"]).size().unstack(fill_value=0)
-    return counts.reindex(index=features, columns=range(n_parts), fill_value=0)
 
 
 def _shares(counts: Any, percent: bool = True) -> str:

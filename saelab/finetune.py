@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from saelab.activations import token_sequences
 from saelab.config import DataConfig
+from saelab.corpus import token_sequences
+from saelab.errors import ConfigError, DataError
+from saelab.files import replacing
 from saelab.models import OFFLINE_DEFAULT, TextTokenizer, offline_default_dir
 
 
@@ -36,13 +37,13 @@ def finetune(
     """Fine-tune `base` (hub name, local HF dir or the offline default) on `dataset`; returns `out_dir`.
 
     AdamW with linear warm-up then cosine decay, fp32 on CPU (bf16 autocast on GPU). The model is
-    written to `out_dir` only when training finishes, via a temp dir, so a killed run leaves nothing
-    that looks complete. `finetune.json` records the settings and the loss curve.
+    written to `out_dir` only when training finishes (`saelab.files.replacing`), so a killed run
+    leaves nothing that looks complete. `finetune.json` records the settings and the loss curve.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if steps < 1 or batch_size < 1 or context_size < 2:
-        raise ValueError(
+        raise ConfigError(
             f"need steps >= 1, batch_size >= 1, context_size >= 2 (got {steps}, {batch_size}, {context_size})"
         )
     source = str(offline_default_dir()) if base == OFFLINE_DEFAULT else base
@@ -55,7 +56,7 @@ def finetune(
     data = DataConfig(model=base, dataset=dataset, context_size=context_size)
     seqs = token_sequences(TextTokenizer(tok), data, "train", steps * batch_size * context_size, seed)
     if len(seqs) < batch_size:
-        raise ValueError(f"{dataset!r} gave only {len(seqs)} sequences of {context_size} tokens; need {batch_size}")
+        raise DataError(f"{dataset!r} gave only {len(seqs)} sequences of {context_size} tokens; need {batch_size}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
     warm = min(warmup_steps, max(1, steps // 5))  # short runs still spend most steps at full rate
@@ -82,10 +83,6 @@ def finetune(
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     record = {
         "base": base,
         "dataset": dataset,
@@ -97,7 +94,9 @@ def finetune(
         "seconds": time.perf_counter() - t0,
         "loss": losses,
     }
-    (tmp / "finetune.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "finetune.json").write_text(json.dumps(record, indent=2))
     return out

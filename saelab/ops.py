@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "torch", "triton")
+from saelab.config import BACKENDS
+from saelab.errors import ConfigError, DataError, SetupError
 
 
 class Selection(NamedTuple):
@@ -43,22 +44,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     slow for real work, which is why 'auto' never chooses it).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "torch":
         return "torch"
     on_gpu = device.type == "cuda" and _triton_installed()
     if backend == "auto":
         return "triton" if on_gpu else "torch"
     if not (on_gpu or (_triton_installed() and os.environ.get("TRITON_INTERPRET") == "1")):
-        raise RuntimeError("backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+        raise SetupError("backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
     return "triton"
-
-
-def kernels() -> Any:
-    """The Triton implementations (imports Triton; call only after resolve_backend said 'triton')."""
-    from saelab.kernels import fused
-
-    return fused
 
 
 def gather_dtype(t: Tensor) -> torch.dtype:
@@ -78,7 +72,7 @@ def decode_sparse(values_NK: Tensor, indices_NK: Tensor, W_dec: Tensor) -> Tenso
     Gradients flow to `values_NK` and `W_dec` (only the selected rows receive any).
     """
     if values_NK.shape != indices_NK.shape or values_NK.dim() != 2:
-        raise ValueError(
+        raise DataError(
             f"values and indices must both be [N, K]; got {tuple(values_NK.shape)} and {tuple(indices_NK.shape)}"
         )
     # embedding_bag is a fused gather + weighted sum with a scatter-add backward: no [N, K, d_in]

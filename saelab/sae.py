@@ -1,10 +1,26 @@
-"""The sparse autoencoder: encoder -> sparsifier -> decoder, one class for every variant."""
+"""The sparse autoencoder: encoder -> sparsifier -> decoder, one class for every variant.
+
+`CrossCoder` is the same model over several activation sources (Lindsey et al. 2024). A crosscoder
+over S sources of width d is an SAE on the concatenation [x_1; ...; x_S] whose weights are read per
+source: W_enc [S*d, d_sae] is S stacked encoders, W_dec [d_sae, S*d] holds each latent's S decoder
+directions side by side. So it reuses the SAE's sparsifiers, kernels, trainer and checkpoints
+unchanged; what differs:
+
+- inputs are [..., S, d] (or already concatenated [..., S*d]);
+- each source gets its own input scale (a base and a fine-tuned model's norms differ);
+- the L1 penalty (relu) weights a latent by the *sum* of its per-source decoder norms, which makes
+  a latent pay for every source it writes to, so source-specific latents can emerge;
+- the top-k family keeps each latent's concatenated decoder at unit norm, leaving how that norm
+  is split across sources free: the split is what model diffing reads (`saelab.diffing`).
+
+Both live in this module because `SAE.load` and `SAE.from_config` build whichever one a config
+describes.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -15,28 +31,25 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab import losses, ops
-from saelab.config import ConfigError, SAEConfig, from_dict, to_dict
+from saelab.config import SAEConfig, from_dict, to_dict
+from saelab.errors import CheckpointError, ConfigError, DataError
+from saelab.files import replacing, write_atomic
 from saelab.sparsifiers import Code, make_sparsifier
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
-def check_feature_id(feature: Any, d_sae: int) -> int:
-    """`feature` as an int, or a ValueError saying why it is not a latent id of a d_sae-latent SAE."""
-    try:
-        if isinstance(feature, bool):
-            raise TypeError
-        index = operator.index(feature)
-    except TypeError:
-        raise ValueError(f"feature ids are integers, got {feature!r}") from None
-    if not 0 <= index < d_sae:
-        raise ValueError(f"feature {index} is out of range: the SAE has features 0 .. {d_sae - 1}")
-    return index
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is missing, truncated, corrupt or does not match its config."""
+def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-6) -> Tensor:
+    """Point minimising the sum of Euclidean distances to the rows of x [N, d] (Weiszfeld's algorithm)."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_next = (w[:, None] * x).sum(0) / w.sum()
+        if (y_next - y).norm() <= tol * y.norm().clamp_min(1e-8):
+            return y_next
+        y = y_next
+    return y
 
 
 class SparseCode(NamedTuple):
@@ -87,7 +100,7 @@ class SAE(nn.Module):
             raise ConfigError(f"SAE needs d_in and d_sae > 0 (got {cfg.d_in}, {cfg.d_sae}); call cfg.resolve(d_in)")
         if cfg.n_sources > 1 and not self.multi_source:
             raise ConfigError(
-                f"n_sources = {cfg.n_sources} describes a crosscoder: use saelab.crosscoder.CrossCoder "
+                f"n_sources = {cfg.n_sources} describes a crosscoder: use saelab.sae.CrossCoder "
                 "(SAE.load picks it for a saved one)"
             )
         self.cfg = cfg
@@ -115,7 +128,7 @@ class SAE(nn.Module):
 
     def _flat(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_in:
-            raise ValueError(
+            raise DataError(
                 f"SAE expects inputs of width d_in = {self.d_in} (hook {self.cfg.hook_name or '?'}), "
                 f"got shape {tuple(x.shape)}"
             )
@@ -139,7 +152,11 @@ class SAE(nn.Module):
 
     def _impl(self, device: torch.device) -> Any:
         """Module with `encode_select` / `decode_sparse`: saelab.ops (torch) or the Triton kernels."""
-        return ops.kernels() if ops.resolve_backend(self.cfg.backend, device) == "triton" else ops
+        if ops.resolve_backend(self.cfg.backend, device) != "triton":
+            return ops
+        from saelab.kernels import fused  # imports Triton, so only once the backend asks for it
+
+        return fused
 
     def _select(self, xs: Tensor, impl: Any, aux_scales: tuple[Tensor, ...] = (), k: int = 0) -> ops.Selection:
         """Fused encoder + per-token top-k (k defaults to the sparsifier's) on normalised inputs."""
@@ -178,7 +195,7 @@ class SAE(nn.Module):
         if isinstance(acts, SparseCode):
             return self._decode_normalised(Code(acts.values, acts.indices)) / self.act_scale
         if acts.shape[-1] != self.d_sae:
-            raise ValueError(f"decode expects [..., d_sae = {self.d_sae}] activations, got {tuple(acts.shape)}")
+            raise DataError(f"decode expects [..., d_sae = {self.d_sae}] activations, got {tuple(acts.shape)}")
         flat = acts.reshape(-1, self.d_sae).to(self.W_dec.dtype)
         return (self._decode_normalised(Code(flat, None)) / self.act_scale).reshape(*acts.shape[:-1], self.d_in)
 
@@ -247,8 +264,6 @@ class SAE(nn.Module):
 
         Each source (one for an SAE) is scaled so its mean norm is sqrt(cfg.d_in).
         """
-        from saelab.trainer import geometric_median
-
         raw = self._flat(x.float()) / self.act_scale  # _flat applies the current scale
         S, d = self.cfg.n_sources, self.cfg.d_in
         scale = math.sqrt(d) / raw.view(len(raw), S, d).norm(dim=2).mean(0).clamp_min(1e-8)  # [S]
@@ -272,22 +287,28 @@ class SAE(nn.Module):
         grad.addcmul_(W, along[:, None], value=-1.0)
 
     def save(self, path: str | Path) -> None:
-        """Write `cfg.json` and `sae_weights.safetensors` (parameters and buffers) to a directory."""
+        """Write `cfg.json` and `sae_weights.safetensors` (parameters and buffers) to a directory.
+
+        Each file is replaced atomically, so a kill mid-save leaves the previous file, not a torn one.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_FILE))
+        with replacing(path / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
         meta = to_dict(self.cfg) | {"architecture": self.cfg.sparsifier, "saelab_format": 1}
-        (path / CFG_FILE).write_text(json.dumps(meta, indent=2))
+        write_atomic(path / CFG_FILE, json.dumps(meta, indent=2))
 
-    @classmethod
-    def from_config(cls, cfg: SAEConfig) -> SAE:
+    def check_finite(self) -> None:
+        """Raise `CheckpointError` naming the first parameter or buffer with a NaN or infinite value."""
+        for name, t in self.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{name} holds non-finite values")
+
+    @staticmethod
+    def from_config(cfg: SAEConfig) -> SAE:
         """A new SAE, or a `CrossCoder` when `cfg.n_sources` > 1."""
-        if cfg.n_sources > 1 and not cls.multi_source:
-            from saelab.crosscoder import CrossCoder
-
-            return CrossCoder(cfg)
-        return cls(cfg)
+        return CrossCoder(cfg) if cfg.n_sources > 1 else SAE(cfg)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -297,7 +318,9 @@ class SAE(nn.Module):
         BatchTopK's threshold and other training statistics. Call `.train()` to train it further.
         """
         path = Path(path)
-        sae = cls.from_config(read_sae_config(path))
+        sae = SAE.from_config(read_sae_config(path))
+        if not isinstance(sae, cls):
+            raise CheckpointError(f"{path} holds a {type(sae).__name__}, not a {cls.__name__}")
         load_state(sae, path / WEIGHTS_FILE)
         return sae.to(device).eval()
 
@@ -339,3 +362,56 @@ def load_state(module: nn.Module, weights: Path) -> None:
                 f"{weights}: {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
             )
     module.load_state_dict(tensors)
+
+
+class CrossCoder(SAE):
+    """An SAE over `cfg.n_sources` sources of width `cfg.d_in` each, sharing one latent code."""
+
+    multi_source = True
+
+    def __init__(self, cfg: SAEConfig):
+        if cfg.n_sources < 2:
+            raise ConfigError(f"a crosscoder needs n_sources >= 2, got {cfg.n_sources}; use SAE for one source")
+        super().__init__(cfg)
+
+    @property
+    def n_sources(self) -> int:
+        """Number of activation sources."""
+        return self.cfg.n_sources
+
+    @property
+    def d_source(self) -> int:
+        """Width of one source."""
+        return self.cfg.d_in
+
+    @property
+    def d_in(self) -> int:
+        """Width the encoder reads: all sources concatenated."""
+        return self.cfg.n_sources * self.cfg.d_in
+
+    def _flat(self, x: Tensor) -> Tensor:
+        S, d = self.n_sources, self.d_source
+        if x.shape[-2:] == (S, d):
+            x = x.reshape(*x.shape[:-2], S * d)
+        elif x.shape[-1] != S * d:
+            raise DataError(
+                f"crosscoder expects inputs [..., n_sources = {S}, d_in = {d}] (or [..., {S * d}]), "
+                f"got shape {tuple(x.shape)}"
+            )
+        return super()._flat(x)
+
+    def _lead_shape(self, x: Tensor) -> tuple[int, ...]:
+        return tuple(x.shape[:-2] if x.shape[-2:] == (self.n_sources, self.d_source) else x.shape[:-1])
+
+    def decode(self, acts: Tensor | SparseCode) -> Tensor:
+        """Reconstructions [..., n_sources, d_in] from dense acts or a `SparseCode`."""
+        out = super().decode(acts)
+        return out.reshape(*out.shape[:-1], self.n_sources, self.d_source)
+
+    def source_decoders(self) -> Tensor:
+        """Decoder directions per source [d_sae, n_sources, d_in] (in normalised units)."""
+        return self.W_dec.view(self.d_sae, self.n_sources, self.d_source)
+
+    def decoder_norms(self) -> Tensor:
+        """Sum over sources of each latent's decoder norm [d_sae] (the crosscoder L1 weight)."""
+        return self.source_decoders().norm(dim=2).sum(1)

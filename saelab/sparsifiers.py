@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from saelab.config import K_FREE_SPARSIFIERS, SPARSIFIER_NAMES, SAEConfig
 from saelab.ops import column_topk_mask, global_topk_candidates, global_topk_mask, topk_per_row
-
-if TYPE_CHECKING:
-    from saelab.config import SAEConfig
 
 
 @dataclass
@@ -113,7 +111,13 @@ SPARSIFIERS: dict[str, type[Sparsifier]] = {}
 
 
 def register(cls: type[Sparsifier]) -> type[Sparsifier]:
-    """Class decorator adding a sparsifier to the registry under `cls.name`."""
+    """Class decorator adding a sparsifier to the registry under `cls.name`.
+
+    The name must be listed in `saelab.config.SPARSIFIER_NAMES` (configs validate against that list
+    without importing torch), and `uses_k` must agree with `K_FREE_SPARSIFIERS`.
+    """
+    if cls.name not in SPARSIFIER_NAMES or cls.uses_k == (cls.name in K_FREE_SPARSIFIERS):
+        raise TypeError(f"sparsifier {cls.name!r}: list it in saelab.config.SPARSIFIER_NAMES (and K_FREE_SPARSIFIERS)")
     SPARSIFIERS[cls.name] = cls
     return cls
 

@@ -31,9 +31,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.activations import keep_mask
-from saelab.evals import next_token_logprobs
+from saelab.errors import DataError, check_feature_id
 from saelab.models import LanguageModel
-from saelab.sae import SAE, check_feature_id
+from saelab.nexttoken import NextTokenLoss
+from saelab.results import SteeringEffect
+from saelab.sae import SAE
 
 Features = int | Sequence[int]
 Amounts = float | Sequence[float]
@@ -48,7 +50,7 @@ def _as_list(x: Any) -> list:
 def _feature_ids(sae: SAE, features: Features) -> list[int]:
     ids = [check_feature_id(f, sae.d_sae) for f in _as_list(features)]
     if not ids:
-        raise ValueError("no features given")
+        raise DataError("no features given")
     return ids
 
 
@@ -57,20 +59,20 @@ def _amounts(values: Amounts, n: int, what: str) -> list[float]:
     if len(vals) == 1:
         vals *= n
     if len(vals) != n:
-        raise ValueError(f"{len(vals)} {what}s for {n} features; give one, or one per feature")
+        raise DataError(f"{len(vals)} {what}s for {n} features; give one, or one per feature")
     bad = [v for v in vals if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"{what} must be finite, got {bad[0]}")
+        raise DataError(f"{what} must be finite, got {bad[0]}")
     return vals
 
 
 def _hook_of(sae: SAE, hook_name: str | None) -> str:
     trained = sae.cfg.hook_name
     if hook_name and trained and hook_name != trained:
-        raise ValueError(f"this SAE was trained on {trained!r}; it has no meaning at hook {hook_name!r}")
+        raise DataError(f"this SAE was trained on {trained!r}; it has no meaning at hook {hook_name!r}")
     hook = hook_name or trained
     if not hook:
-        raise ValueError("the SAE's cfg names no hook point; pass hook_name=")
+        raise DataError("the SAE's cfg names no hook point; pass hook_name=")
     return hook
 
 
@@ -97,13 +99,13 @@ class Add:
         amounts = torch.tensor(_amounts(self.strength, len(ids), "strength"), dtype=self.sae.W_dec.dtype)
         if self.units == "max":
             if self.max_acts is None:
-                raise ValueError("units='max' needs max_acts (for example FeatureStore.max_acts(sae_id))")
+                raise DataError("units='max' needs max_acts (for example FeatureStore.max_acts(sae_id))")
             maxes = torch.as_tensor(self.max_acts, dtype=amounts.dtype)
             if maxes.shape != (self.sae.d_sae,):
-                raise ValueError(f"max_acts must have shape [{self.sae.d_sae}], got {tuple(maxes.shape)}")
+                raise DataError(f"max_acts must have shape [{self.sae.d_sae}], got {tuple(maxes.shape)}")
             amounts = amounts * maxes[ids].nan_to_num(0.0)
         elif self.units != "raw":
-            raise ValueError(f"units must be 'raw' or 'max', got {self.units!r}")
+            raise DataError(f"units must be 'raw' or 'max', got {self.units!r}")
         return amounts.to(self.sae.W_dec.device) @ self.sae.decoder_directions()[ids]
 
     def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
@@ -138,7 +140,7 @@ class Clamp:
         ids = _feature_ids(self.sae, self.features)
         vals = _amounts(self.values, len(ids), "clamp value")
         if not self.sae.sparsifier.signed and min(vals) < 0:
-            raise ValueError(
+            raise DataError(
                 f"clamp values must be >= 0 for a {self.sae.cfg.sparsifier} SAE (its features never go negative)"
             )
         return ids, torch.tensor(vals, dtype=self.sae.W_dec.dtype, device=self.sae.W_dec.device)
@@ -185,7 +187,7 @@ class AddVector:
         """Validate once and return the function applied at every forward pass."""
         (strength,) = _amounts(self.strength, 1, "strength")
         if self.vector.shape != (width,):
-            raise ValueError(f"vector has shape {tuple(self.vector.shape)}; hook {self.hook_name!r} has width {width}")
+            raise DataError(f"vector has shape {tuple(self.vector.shape)}; hook {self.hook_name!r} has width {width}")
         vector = strength * self.vector
 
         def fn(act: Tensor) -> Tensor:
@@ -215,7 +217,7 @@ def _prepare(model: LanguageModel, interventions: Sequence[Intervention]) -> Pre
         width = model.hook_width(hook)
         sae = getattr(iv, "sae", None)
         if sae is not None and width != sae.d_in:
-            raise ValueError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} (width {width})")
+            raise DataError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} (width {width})")
         by_hook.setdefault(hook, []).append(iv.prepare(width))
     return by_hook
 
@@ -266,7 +268,7 @@ def diff_in_means(
                 acts = acts[-1:] if last_token_only else acts
                 rows.append(acts[keep_mask(acts, exclude_norm_above)])
         if not rows or not sum(len(r) for r in rows):
-            raise ValueError(f"no usable tokens in the {name} prompts")
+            raise DataError(f"no usable tokens in the {name} prompts")
         means.append(torch.cat(rows).mean(0))
     return means[0] - means[1]
 
@@ -283,7 +285,7 @@ def generate(
     """Continue `prompt` (greedy when temperature is 0, else sampled with `seed`); returns the new text."""
     tokens = torch.tensor([model.tokenize([prompt])[0]])
     if tokens.numel() == 0:
-        raise ValueError("empty prompt")
+        raise DataError("empty prompt")
     n_prompt = tokens.shape[1]
     gen = torch.Generator().manual_seed(seed)
     with intervene(model, interventions):
@@ -328,48 +330,43 @@ def steering_effects(
     settings: dict[Any, Sequence[Intervention]],
     targets: dict[Any, Sequence[int]] | None = None,
     batch_size: int = 4,
-) -> dict[Any, dict[str, float]]:
+) -> dict[Any, SteeringEffect]:
     """Cost and effect of each setting (name -> interventions) on held-out `sequences` [n, T].
 
     Cost: CE loss and KL(clean || steered) per predicted token. Effect: the mean change in log P(next
     token is one of the setting's `targets`). The clean pass runs once per batch and is shared.
     """
     if sequences.ndim != 2 or sequences.shape[0] == 0 or sequences.shape[1] < 2:
-        raise ValueError(f"sequences must be token ids [n >= 1, T >= 2], got shape {tuple(sequences.shape)}")
+        raise DataError(f"sequences must be token ids [n >= 1, T >= 2], got shape {tuple(sequences.shape)}")
+    targets = {name: ids for name, ids in (targets or {}).items() if name in settings}
     prepared = {name: _prepare(model, ivs) for name, ivs in settings.items()}
-    sums = {name: {"ce": 0.0, "kl": 0.0, "target": 0.0, "target_clean": 0.0} for name in settings}
-    ce_clean = 0.0
-    n = 0
+    # Settings may have any hashable names ('clean' too), so the accumulator's runs are numbered.
+    runs = {name: str(i) for i, name in enumerate(settings)}
+    loss = NextTokenLoss()
+    target_sums = {name: [0.0, 0.0] for name in targets}  # steered, clean
     for start in tqdm(range(0, len(sequences), batch_size), desc="steering effects", unit="batch", leave=False):
         toks = sequences[start : start + batch_size]
-        logp_clean, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
-        ce_clean += float(ce.sum())
-        n += ce.numel()
-        p_clean = logp_clean.exp()
+        logp_clean = loss.clean(model.run_with_hooks(toks), toks)
         for name in settings:
             with _hooked(model, prepared[name]):
-                logp, ce = next_token_logprobs(model.run_with_hooks(toks), toks)
-            s = sums[name]
-            s["ce"] += float(ce.sum())
-            s["kl"] += float((p_clean * (logp_clean - logp)).sum())
-            if targets and name in targets:
-                s["target"] += float(_target_logprob(logp, targets[name]).sum())
-                s["target_clean"] += float(_target_logprob(logp_clean, targets[name]).sum())
+                logp = loss.run(runs[name], model.run_with_hooks(toks), toks)
+            if name in targets:
+                target_sums[name][0] += float(_target_logprob(logp, targets[name]).sum())
+                target_sums[name][1] += float(_target_logprob(logp_clean, targets[name]).sum())
+    n, ce_clean = loss.n, loss.ce[NextTokenLoss.CLEAN]
     out = {}
-    for name, s in sums.items():
-        row = {
-            "ce_loss": s["ce"] / n,
-            "ce_clean": ce_clean / n,
-            "ce_increase": (s["ce"] - ce_clean) / n,
-            "kl": s["kl"] / n,
-        }
-        if targets and name in targets:
-            row |= {
-                "target_logprob": s["target"] / n,
-                "target_logprob_clean": s["target_clean"] / n,
-                "delta_logprob": (s["target"] - s["target_clean"]) / n,
-            }
-        out[name] = row
+    for name, run in runs.items():
+        effect = SteeringEffect(
+            ce_loss=loss.mean_ce(run),
+            ce_clean=loss.mean_ce(),
+            ce_increase=(loss.ce[run] - ce_clean) / n,
+            kl=loss.mean_kl(run),
+        )
+        if name in targets:
+            steered, clean = target_sums[name]
+            effect.target_logprob, effect.target_logprob_clean = steered / n, clean / n
+            effect.delta_logprob = (steered - clean) / n
+        out[name] = effect
     return out
 
 
@@ -400,7 +397,7 @@ def sweep(
     import pandas as pd
 
     if kind not in ("add", "clamp"):
-        raise ValueError(f"kind must be 'add' or 'clamp', got {kind!r}")
+        raise DataError(f"kind must be 'add' or 'clamp', got {kind!r}")
     ids = _feature_ids(sae, list(features))
     _amounts(list(strengths), len(strengths), "strength")
     settings: dict[Any, list[Intervention]] = {}
@@ -414,7 +411,7 @@ def sweep(
     vocab = model.tokenizer
     rows = [
         {"feature": f, "strength": s, "kind": kind, "units": units if kind == "add" else "raw"}
-        | effects[(f, s)]
+        | effects[(f, s)].to_dict()
         | {"targets": "|".join(vocab.decode([t]) for t in targets[(f, s)])}
         for f, s in settings
     ]

@@ -2,14 +2,18 @@
 
 `Trainer` works on any `ActivationSource`; `train` is the full run behind `saelab train`
 (harvest or reuse the activation cache, train, save, evaluate).
+
+A run never saves non-finite state: a batch of NaN / infinite activations or a diverged loss stops
+it at that step, and a NaN or infinite weight stops it before the checkpoint that would hold it, so
+the last checkpoint on disk is always a good one to resume or inspect.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,23 +24,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.activations import ActivationCache, ActivationSource
-from saelab.config import ConfigError, TrainConfig, from_dict, to_dict
-from saelab.models import resolve_device
-from saelab.sae import SAE, CheckpointError, load_state
-
-CHECKPOINT = "checkpoint"
-
-
-def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-6) -> Tensor:
-    """Point minimising the sum of Euclidean distances to the rows of x [N, d] (Weiszfeld's algorithm)."""
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
-        y_next = (w[:, None] * x).sum(0) / w.sum()
-        if (y_next - y).norm() <= tol * y.norm().clamp_min(1e-8):
-            return y_next
-        y = y_next
-    return y
+from saelab.config import TrainConfig, from_dict, to_dict
+from saelab.errors import CheckpointError, ConfigError, TrainingError
+from saelab.evals import evaluate_run
+from saelab.files import replacing
+from saelab.models import load_model, resolve_device
+from saelab.rundir import RunDir
+from saelab.sae import SAE, WEIGHTS_FILE, load_state
 
 
 def default_lr(d_sae: int) -> float:
@@ -54,7 +48,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, sae: SAE, source: ActivationSource, out_dir: str | Path | None = None):
         self.cfg, self.sae, self.source = cfg, sae, source
-        self.out_dir = Path(out_dir or cfg.out_dir)
+        self.run = RunDir(out_dir or cfg.out_dir)
+        self.out_dir = self.run.path
         self.device = resolve_device(cfg.device)
         self.sae.to(self.device)
         self.lr = cfg.lr or default_lr(sae.d_sae)
@@ -63,6 +58,8 @@ class Trainer:
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999), fused=fused)
         self.total_steps = max(1, int(source.n_tokens * cfg.epochs) // cfg.batch_size)
         self.step = 0
+        self.saved_step: int | None = None
+        """Step of the last checkpoint written or resumed from (None: none yet)."""
         self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=self.device)
         self.autocast = cfg.autocast and self.device.type == "cuda"
 
@@ -105,6 +102,17 @@ class Trainer:
         self.tokens_since_fired[out.code.fired(sae.d_sae)] = 0
         self.step += 1
         metrics = {"loss": out.loss.item(), "mse": out.mse.item(), "fvu": out.fvu.item(), "l0": out.l0.item()}
+        if not math.isfinite(metrics["loss"]):
+            # NaN or infinite input always shows up here (the MSE reads every input value), at no cost
+            # to ordinary steps; only then is the batch inspected to tell bad data from divergence.
+            bad = int((~torch.isfinite(x).all(dim=-1)).sum())
+            cause = (
+                f"{bad} of {len(x)} activation rows of its batch hold NaN or infinite values (saelab's harvest "
+                "drops such tokens; clean activations you pass in yourself)"
+                if bad
+                else f"the loss is {metrics['loss']} (training diverged; try a lower lr)"
+            )
+            raise TrainingError(f"step {self.step}: {cause}")
         metrics |= {k: v.item() for k, v in out.aux.items()}
         return metrics
 
@@ -117,7 +125,7 @@ class Trainer:
             first = next(batches)
             self.initialise(first)
             batches = _prepend(first, batches)
-        log = self._open_log()
+        log = self.run.open_metrics_log(self.step)
         wandb = self._wandb()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.sae.cfg.sparsifier}", unit="step")
         try:
@@ -144,20 +152,16 @@ class Trainer:
                     on_step(self, metrics)
             if not self.cfg.checkpoint_every or self.step % self.cfg.checkpoint_every:
                 self.save_checkpoint()  # a finished run restarts as a no-op
+        except TrainingError as e:
+            kept = f"{self.run.checkpoint} (step {self.saved_step}) is the last good state"
+            if self.saved_step is None:
+                kept = "no checkpoint was written"
+            raise TrainingError(f"{e}. The run stopped without saving: {kept}") from None
         finally:
             bar.close()
             log.close()
         self.sae.eval()
         return self.sae
-
-    def _open_log(self) -> Any:
-        """metrics.jsonl, cut back to the checkpoint's step so a resumed log has no duplicate lines."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-        return path.open("a")
 
     def _wandb(self) -> Any:
         if not self.cfg.wandb_project or importlib.util.find_spec("wandb") is None:
@@ -168,43 +172,48 @@ class Trainer:
         return wandb
 
     def save_checkpoint(self) -> None:
-        """Write a resumable checkpoint atomically (new dir, then swap), so a kill never corrupts it."""
-        final = self.out_dir / CHECKPOINT
-        tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.sae.save(tmp)
+        """Write a resumable checkpoint atomically (`saelab.files.replacing`), so a kill never corrupts it.
+
+        Raises `TrainingError` instead of saving when a weight or optimiser state is NaN or infinite.
+        """
         opt_state = self.opt.state_dict()
         tensors = {"tokens_since_fired": self.tokens_since_fired.cpu()}
         for pid, st in opt_state["state"].items():
             tensors |= {f"opt.{pid}.{k}": v.detach().cpu().contiguous() for k, v in st.items()}
-        save_file(tensors, str(tmp / "trainer_state.safetensors"))
+        try:
+            self.sae.check_finite()
+        except CheckpointError as e:
+            raise TrainingError(f"step {self.step}: {e}") from None
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise TrainingError(f"step {self.step}: optimiser state {bad[0]} holds non-finite values")
         state = {
             "step": self.step,
             "source": self.source.state_dict(),
             "config": to_dict(self.cfg),
             "opt_param_groups": opt_state["param_groups"],
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with replacing(self.run.checkpoint) as tmp:
+            self.sae.save(tmp)
+            save_file(tensors, str(tmp / RunDir.TRAINER_TENSORS))
+            (tmp / RunDir.TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> bool:
-        """Restore from `out_dir/checkpoint` (or the previous one if a kill hit mid-swap); False if none."""
-        ckpt = next((p for p in (self.out_dir / CHECKPOINT, self.out_dir / (CHECKPOINT + ".old")) if p.is_dir()), None)
+        """Restore from the run's checkpoint (or the previous one if a kill hit mid-swap); False if none."""
+        ckpt = self.run.latest_checkpoint()
         if ckpt is None:
             return False
         try:
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-            tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+            state = json.loads((ckpt / RunDir.TRAINER_STATE).read_text())
+            tensors = load_file(str(ckpt / RunDir.TRAINER_TENSORS))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ckpt} is truncated or corrupt ({e}); delete it to start over") from e
         saved_cfg = from_dict(TrainConfig, state["config"])
         if to_dict(saved_cfg) != to_dict(self.cfg):
             raise ConfigError(f"{self.out_dir} holds a run with a different config; use another out_dir")
-        load_state(self.sae, ckpt / "sae_weights.safetensors")
+        load_state(self.sae, ckpt / WEIGHTS_FILE)
         opt_state: dict[str, Any] = {"state": {}, "param_groups": state["opt_param_groups"]}
         for key, t in tensors.items():
             if key.startswith("opt."):
@@ -212,7 +221,7 @@ class Trainer:
                 opt_state["state"].setdefault(int(pid), {})[name] = t.to(self.device) if name != "step" else t
         self.opt.load_state_dict(opt_state)
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         self.source.load_state_dict(state["source"])
         return True
 
@@ -223,15 +232,13 @@ def _prepend(first: Tensor, rest: Any) -> Any:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """The full run behind `saelab train`: activations -> SAE -> checkpoint dir -> eval.json.
+    """The full run behind `saelab train`: activations -> SAE -> run directory -> eval.json.
 
     Activations are harvested once into the cache (`data.cache_dir`, default `<out_dir>/activations`)
     and reused by later runs with the same data config; the model is loaded only if needed.
     """
-    from saelab.models import load_model
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(cfg.out_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
     model = None
 
     def get_model() -> Any:
@@ -240,18 +247,19 @@ def train(cfg: TrainConfig) -> Path:
             model = load_model(cfg.data.model, cfg.data.device)
         return model
 
-    cache = ActivationCache.open_or_harvest(get_model, cfg.data, cfg.data.cache_dir or out / "activations", cfg.seed)
-    sae_cfg = cfg.sae.resolve(int(cache.meta["d_in"]))
-    sae_cfg.model_name, sae_cfg.hook_name = cfg.data.model, cfg.data.hook_name
-    sae_cfg.exclude_norm_above = cache.threshold
-    sae_cfg.n_sources = int(cache.meta.get("n_sources", 1))
+    cache = ActivationCache.open_or_harvest(get_model, cfg.data, run.activation_cache(cfg.data), cfg.seed)
+    sae_cfg = dataclasses.replace(
+        cfg.sae.resolve(int(cache.meta["d_in"])),
+        model_name=cfg.data.model,
+        hook_name=cfg.data.hook_name,
+        exclude_norm_above=cache.threshold,
+        n_sources=int(cache.meta.get("n_sources", 1)),
+    )
     torch.manual_seed(cfg.seed)
     sae = SAE.from_config(sae_cfg)
-    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    Trainer(cfg, sae, cache.source(cfg.seed), out).fit()
-    sae.save(out)
+    run.write_train_config(cfg)
+    Trainer(cfg, sae, cache.source(cfg.seed), run.path).fit()
+    sae.save(run.path)
     if cfg.eval_tokens:
-        from saelab.evals import evaluate_run
-
-        evaluate_run(out, get_model(), cfg.data, cfg.eval_tokens)
-    return out
+        evaluate_run(run.path, get_model(), cfg.data, cfg.eval_tokens)
+    return run.path

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.activations import (
-    ActivationCache,
-    ArrayActivations,
-    ModelActivations,
-    keep_mask,
-    mixture_parts,
-    norm_threshold,
-    token_sequences,
-)
-from saelab.config import DataConfig
+from saelab.activations import ActivationCache, ArrayActivations, ModelActivations, keep_mask, norm_threshold
+from saelab.config import DataConfig, mixture_parts
+from saelab.corpus import token_sequences
 
 
 def data_cfg(tiny_model_dir, corpus_dir, **kw) -> DataConfig:

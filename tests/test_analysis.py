@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig
-from saelab.activations import token_sequences
 from saelab.analysis import analyze
 from saelab.config import AnalysisConfig, DataConfig
+from saelab.corpus import token_sequences
 from saelab.store import FeatureStore
 
 HOOK = "blocks.1.hook_resid_post"

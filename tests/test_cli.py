@@ -77,6 +77,8 @@ def test_train_then_eval_json(tiny_model_dir, corpus_dir, tmp_path) -> None:
         (["--sae.sparsifier", "gated"], "unknown sparsifier 'gated'"),
         (["--sae.k", "100"], "k = 100 exceeds d_sae = 64"),
         (["--data.hook_name", "blocks.5.hook_resid_post"], "no hook point 'blocks.5.hook_resid_post'"),
+        (["--data.device", "tpu9"], "unknown device 'tpu9'"),
+        (["--data.dataset", "no-such-org/no-such-corpus"], "cannot load corpus 'no-such-org/no-such-corpus'"),
     ],
 )
 def test_bad_input_exits_with_a_message(tiny_model_dir, corpus_dir, tmp_path, capsys, args, message) -> None:
@@ -101,3 +103,22 @@ def test_help_shows_field_docs(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "Active latents per token" in capsys.readouterr().out
+
+
+def test_saelab_errors_print_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch) -> None:
+    from saelab import cli
+    from saelab.errors import CheckpointError
+
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for argv in (["--debug", "eval", str(tmp_path)], ["eval", str(tmp_path), "--debug"]):
+        with pytest.raises(CheckpointError, match=r"cfg\.json is missing"):
+            main(argv)
+
+    def bug(args):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(cli, "_cmd_eval", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["eval", str(tmp_path)])

@@ -9,9 +9,8 @@ import torch
 from saelab import SAE, SAEConfig, TrainConfig
 from saelab.activations import ArrayActivations, source_activations
 from saelab.config import ConfigError
-from saelab.crosscoder import CrossCoder
 from saelab.diffing import CLASSES, ScalingRatios, classify, decoder_cosines, latent_scaling, relative_norms
-from saelab.sae import SparseCode
+from saelab.sae import CrossCoder, SparseCode
 from saelab.trainer import Trainer
 
 
@@ -185,8 +184,8 @@ def test_finetune_makes_a_diffable_pair(tiny_model, tiny_model_dir, corpus_dir, 
 
     from saelab.activations import check_sources
     from saelab.cli import main
-    from saelab.evals import next_token_logprobs
     from saelab.models import load_model
+    from saelab.nexttoken import next_token_logprobs
 
     out = tmp_path / "tuned"
     args = ["finetune", "--base", str(tiny_model_dir), "--dataset", str(corpus_dir), "--out", str(out)]
@@ -226,9 +225,10 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
     assert cc(x).recon.shape == (8, 2, 32)
     assert main(["train", *args, "--data.cross_sources", "blocks.1.hook_resid_post"]) == 2
     # The analysis reads both sources and stores the diffing view next to the usual feature data.
-    from saelab.activations import keep_mask, token_sequences
-    from saelab.evals import data_config_for
+    from saelab.activations import keep_mask
+    from saelab.corpus import token_sequences
     from saelab.models import load_model
+    from saelab.rundir import RunDir
     from saelab.store import FeatureStore
 
     store = tmp_path / "features.duckdb"
@@ -242,7 +242,7 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
         assert diff["diff_class"].tolist() == classify(relative_norms(cc))
         # Max activations match a brute-force pass over the same held-out tokens and both sources.
         model = load_model(str(tiny_model_dir), device="cpu")
-        data = data_config_for(out, cc)
+        data = RunDir(out).data_config()
         toks = token_sequences(model, data, "eval", 256)
         x = source_activations([(model, "blocks.1.hook_resid_post"), (model, "blocks.0.hook_resid_post")], toks)
         x = x.reshape(-1, 64)
@@ -291,7 +291,8 @@ def test_train_a_crosscoder_on_two_layers_from_the_cli(tiny_model_dir, corpus_di
     # (layer 0) gets its own slice of the joint reconstruction, and CE matches a manual splice.
     import json
 
-    from saelab.evals import format_table, next_token_logprobs
+    from saelab.nexttoken import next_token_logprobs
+    from saelab.results import format_table
 
     result = json.loads((out / "eval.json").read_text())
     assert [s["source"] for s in result["per_source"]] == [f"{model.name}@blocks.1.hook_resid_post",

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig
-from saelab.evals import format_table, reconstruction_metrics, spliced_metrics
+from saelab.evals import reconstruction_metrics, spliced_metrics
+from saelab.results import format_table
 
 
 def exact_sae(d: int, hook: str, threshold: float = 0.0) -> SAE:
@@ -24,14 +25,14 @@ def test_reconstruction_metrics_hand_computed() -> None:
     x = torch.tensor([[1.0, 0.0], [0.0, -2.0], [3.0, 0.0], [0.0, 0.0]])
     m = reconstruction_metrics(sae, x)
     # Exact reconstruction; latents fire for positive/negative parts: (x0>0, x1>0, x0<0, x1<0).
-    assert m["fvu"] == pytest.approx(0.0) and m["mse"] == pytest.approx(0.0)
-    assert m["l0"] == pytest.approx(3 / 4)  # three non-zero coordinates over four tokens
-    assert m["dead_frac"] == pytest.approx(2 / 4)  # x1 > 0 and x0 < 0 never happen
+    assert m.fvu == pytest.approx(0.0) and m.mse == pytest.approx(0.0)
+    assert m.l0 == pytest.approx(3 / 4)  # three non-zero coordinates over four tokens
+    assert m.dead_frac == pytest.approx(2 / 4)  # x1 > 0 and x0 < 0 never happen
     # Zeroing the decoder leaves the whole variance unexplained.
     with torch.no_grad():
         sae.W_dec.zero_()
         sae.b_dec.copy_(x.mean(0))
-    assert reconstruction_metrics(sae, x)["fvu"] == pytest.approx(1.0)
+    assert reconstruction_metrics(sae, x).fvu == pytest.approx(1.0)
 
 
 def test_massive_norm_tokens_are_left_out_of_fvu() -> None:
@@ -40,19 +41,19 @@ def test_massive_norm_tokens_are_left_out_of_fvu() -> None:
         sae.W_dec.mul_(0.5)  # halves every reconstruction: FVU 0.25 on zero-mean data
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [500.0, 0.0]])
     m = reconstruction_metrics(sae, x)
-    assert m["tokens"] == 4  # the norm-500 token is excluded
-    assert m["fvu"] == pytest.approx(0.25)
+    assert m.tokens == 4  # the norm-500 token is excluded
+    assert m.fvu == pytest.approx(0.25)
 
 
 def test_exact_sae_spliced_in_changes_nothing(tiny_model) -> None:
     hook = "blocks.0.hook_resid_post"
     toks = torch.randint(3, 250, (4, 12), generator=torch.Generator().manual_seed(0))
     m = spliced_metrics(exact_sae(32, hook), tiny_model, toks, batch_size=2)
-    assert m["ce_loss_sae"] == pytest.approx(m["ce_loss_clean"], abs=1e-4)
-    assert m["kl_div"] == pytest.approx(0.0, abs=1e-5)
-    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
-    assert m["ce_loss_zero_ablation"] != pytest.approx(m["ce_loss_clean"], abs=1e-3)
-    assert m["fvu"] == pytest.approx(0.0, abs=1e-6) and m["eval_tokens"] == 48
+    assert m.ce_loss_sae == pytest.approx(m.ce_loss_clean, abs=1e-4)
+    assert m.kl_div == pytest.approx(0.0, abs=1e-5)
+    assert m.ce_loss_recovered == pytest.approx(1.0, abs=1e-3)
+    assert m.ce_loss_zero_ablation != pytest.approx(m.ce_loss_clean, abs=1e-3)
+    assert m.fvu == pytest.approx(0.0, abs=1e-6) and m.eval_tokens == 48
     assert "CE loss recovered" in format_table(m)
 
 
@@ -63,10 +64,10 @@ def test_half_strength_sae_recovers_between_zero_and_one(tiny_model) -> None:
         sae.W_dec.mul_(0.5)
     toks = torch.randint(3, 250, (4, 12), generator=torch.Generator().manual_seed(0))
     m = spliced_metrics(sae, tiny_model, toks, batch_size=4, all_tokens=True)
-    assert m["kl_div"] > 0
-    expected = (m["ce_loss_zero_ablation"] - m["ce_loss_sae"]) / (m["ce_loss_zero_ablation"] - m["ce_loss_clean"])
-    assert m["ce_loss_recovered"] == pytest.approx(expected)
-    assert m["ce_loss_all_tokens"] == pytest.approx(m["ce_loss_sae"])  # no outlier threshold set
+    assert m.kl_div > 0
+    expected = (m.ce_loss_zero_ablation - m.ce_loss_sae) / (m.ce_loss_zero_ablation - m.ce_loss_clean)
+    assert m.ce_loss_recovered == pytest.approx(expected)
+    assert m.ce_loss_all_tokens == pytest.approx(m.ce_loss_sae)  # no outlier threshold set
 
 
 def test_hook_width_mismatch_is_a_clear_error(tiny_model) -> None:

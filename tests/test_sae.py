@@ -60,6 +60,14 @@ def test_unknown_sparsifier_and_k_above_d_sae() -> None:
         SAEConfig(k=33, expansion_factor=8).resolve(4)
 
 
+def test_configs_know_exactly_the_registered_sparsifiers() -> None:
+    from saelab.config import K_FREE_SPARSIFIERS, SPARSIFIER_NAMES
+    from saelab.sparsifiers import SPARSIFIERS
+
+    assert sorted(SPARSIFIERS) == sorted(SPARSIFIER_NAMES)
+    assert {name for name, cls in SPARSIFIERS.items() if not cls.uses_k} == K_FREE_SPARSIFIERS
+
+
 def test_input_width_mismatch() -> None:
     sae = SAE(SAEConfig(d_in=4, d_sae=8, k=2, hook_name="blocks.3.hook_resid_post"))
     with pytest.raises(ValueError, match=r"d_in = 4 \(hook blocks.3.hook_resid_post\), got shape \(2, 5\)"):

@@ -88,8 +88,8 @@ def test_add_raises_promoted_tokens_and_signed_features_steer_both_ways(tiny_mod
     targets = promoted_tokens(tiny_model, sae, f, 3)
     settings = {s: [Add(sae, f, s)] for s in (-8.0, 8.0)}
     eff = steering_effects(tiny_model, toks, settings, {s: targets for s in settings})
-    assert eff[8.0]["delta_logprob"] > 0 > eff[-8.0]["delta_logprob"]
-    assert eff[8.0]["kl"] > 0 and eff[8.0]["ce_clean"] == pytest.approx(eff[-8.0]["ce_clean"])
+    assert eff[8.0].delta_logprob > 0 > eff[-8.0].delta_logprob
+    assert eff[8.0].kl > 0 and eff[8.0].ce_clean == pytest.approx(eff[-8.0].ce_clean)
     # Signed SAEs can also clamp to negative values; ReLU-family ones cannot.
     logits(tiny_model, toks, [Clamp(sae, f, -3.0)])
     with pytest.raises(ValueError, match="must be >= 0 for a topk SAE"):

@@ -1,0 +1,123 @@
+"""The layout of a training run's directory, known here and nowhere else.
+
+    <run>/cfg.json, sae_weights.safetensors   the final SAE (`SAE.save` / `SAE.load`)
+    <run>/train_config.json                   the TrainConfig the run was started with
+    <run>/metrics.jsonl                       one JSON object per logged training step
+    <run>/eval.json                           the held-out evaluation (`EvalResult.to_dict()`)
+    <run>/checkpoint/                         resumable state: an SAE directory plus trainer_state.*
+    <run>/activations/                        the activation cache, unless `data.cache_dir` names another
+
+A directory holding only an SAE (cfg.json + weights, e.g. one written by `SAE.save`) is a run too:
+what it lacks reads as absent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from saelab.config import DataConfig, TrainConfig, from_dict, to_dict
+from saelab.errors import CheckpointError, DataError
+from saelab.files import latest, write_atomic
+from saelab.sae import CFG_FILE, SAE, read_sae_config
+
+
+class RunDir:
+    """Paths and small reads / writes of one run directory (see the module docstring)."""
+
+    TRAIN_CONFIG = "train_config.json"
+    METRICS = "metrics.jsonl"
+    EVAL = "eval.json"
+    CHECKPOINT = "checkpoint"
+    ACTIVATIONS = "activations"
+    TRAINER_STATE = "trainer_state.json"
+    TRAINER_TENSORS = "trainer_state.safetensors"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        """The run's name: its directory's name (the default id in the feature store)."""
+        return self.path.resolve().name
+
+    @property
+    def checkpoint(self) -> Path:
+        """Where the trainer writes its resumable checkpoint."""
+        return self.path / self.CHECKPOINT
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from, including one a kill left mid-swap; None if there is none."""
+        return latest(self.checkpoint)
+
+    def activation_cache(self, data: DataConfig) -> Path:
+        """The activation cache this run trains from."""
+        return Path(data.cache_dir) if data.cache_dir else self.path / self.ACTIVATIONS
+
+    # -- the SAE ----------------------------------------------------------------------------------
+
+    def load_sae(self, device: str = "cpu") -> SAE:
+        """The final SAE (an SAE or a CrossCoder), in eval mode."""
+        return SAE.load(self.path, device)
+
+    def data_config(self) -> DataConfig:
+        """The data config the run trained with (train_config.json), else one built from cfg.json's metadata."""
+        path = self.path / self.TRAIN_CONFIG
+        if path.is_file():
+            return from_dict(DataConfig, self._json(path)["data"], prefix="data.")
+        if not (self.path / CFG_FILE).is_file():
+            raise CheckpointError(f"{self.path} is not an SAE directory: {CFG_FILE} is missing")
+        cfg = read_sae_config(self.path)
+        if not cfg.model_name or not cfg.hook_name:
+            raise DataError(f"{self.path}: no {self.TRAIN_CONFIG} and the SAE's {CFG_FILE} names no model/hook")
+        return DataConfig(model=cfg.model_name, hook_name=cfg.hook_name)
+
+    def write_train_config(self, cfg: TrainConfig) -> None:
+        """Record the config the run starts with."""
+        write_atomic(self.path / self.TRAIN_CONFIG, json.dumps(to_dict(cfg), indent=2))
+
+    # -- metrics and eval -------------------------------------------------------------------------
+
+    def metrics(self) -> Iterator[dict[str, Any]]:
+        """The logged training steps in order (nothing if the run was never trained here)."""
+        for _, record in self._metric_lines():
+            yield record
+
+    def _metric_lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        path = self.path / self.METRICS
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    yield line, json.loads(line)
+
+    def last_metrics(self) -> dict[str, Any] | None:
+        """The last logged step, or None."""
+        return next(iter(reversed(list(self.metrics()))), None)
+
+    def open_metrics_log(self, step: int) -> TextIO:
+        """metrics.jsonl opened for appending, first cut back to `step` so a resumed run logs no step twice."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        kept = [line + "\n" for line, record in self._metric_lines() if record.get("step", 0) <= step]
+        write_atomic(self.path / self.METRICS, "".join(kept))
+        return (self.path / self.METRICS).open("a")
+
+    def read_eval(self) -> dict[str, Any] | None:
+        """The eval.json dict, or None if the run was never evaluated."""
+        path = self.path / self.EVAL
+        return self._json(path) if path.is_file() else None
+
+    def write_eval(self, result: dict[str, Any]) -> None:
+        """Write eval.json."""
+        write_atomic(self.path / self.EVAL, json.dumps(result, indent=2))
+
+    @staticmethod
+    def _json(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is corrupt: {e}") from e

@@ -1,0 +1,80 @@
+"""The write methods of a feature store writer (`FeatureStore.writer`), and Arrow helpers for bulk rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from saelab.errors import StoreError
+from saelab.store.reads import Reads
+from saelab.store.records import SAE_COLUMNS, STEERING_COLUMNS
+from saelab.store.schema import JSON_COLUMNS, PER_SAE_TABLES, TABLES
+
+
+def list_column(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """An Arrow list column from concatenated values and per-row lengths (for bulk `append`)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+class Writes(Reads):
+    """The write methods of `FeatureStore` (they refuse on a read-only store)."""
+
+    def put_sae(self, row: dict[str, Any]) -> None:
+        """Add an SAE's row (columns of `saes` by name), first removing everything stored under its `sae_id`."""
+        self._require_writable()
+        unknown = sorted(set(row) - set(SAE_COLUMNS))
+        if unknown or "sae_id" not in row:
+            raise StoreError(f"an SAE row needs sae_id and columns of saes; unknown: {unknown}")
+        for table in PER_SAE_TABLES:
+            self._con.execute(f"DELETE FROM {table} WHERE sae_id = ?", [row["sae_id"]])
+        row = {k: json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in row.items()}
+        cols = list(row)
+        self._con.execute(
+            f"INSERT INTO saes ({', '.join(cols)}, created_at) VALUES ({', '.join('?' * len(cols))}, now())",
+            list(row.values()),
+        )
+
+    def set_timings(self, sae_id: str, timings: dict[str, float]) -> None:
+        """Record how long each phase of an SAE's analysis took (known only once it is written)."""
+        self._require_writable()
+        self._con.execute("UPDATE saes SET timings = ? WHERE sae_id = ?", [json.dumps(timings), sae_id])
+
+    def append(self, table: str, data: pa.Table) -> None:
+        """Bulk-insert a pyarrow Table (columns named as in the schema) into `table`."""
+        self._require_writable()
+        if table not in TABLES:
+            raise StoreError(f"unknown table {table!r}; tables: {TABLES}")
+        if data.num_rows == 0:
+            return
+        self._con.register("_incoming", data)
+        try:
+            self._con.execute(f"INSERT INTO {table} ({', '.join(data.column_names)}) SELECT * FROM _incoming")
+        finally:
+            self._con.unregister("_incoming")
+
+    def set_label(self, sae_id: str, feature: int, label: str | None) -> None:
+        """Attach a human-readable label to a feature (searched by `search`)."""
+        self._require_writable()
+        feature = self._check_feature(sae_id, feature)
+        self._con.execute("UPDATE features SET label = ? WHERE sae_id = ? AND feature = ?", [label, sae_id, feature])
+
+    def put_steering(self, sae_id: str, experiment: str, df: Any) -> None:
+        """Store a `saelab.steering.sweep` DataFrame as `experiment`, replacing one of the same name."""
+        self._require_writable()
+        self.sae(sae_id)
+        cols = [c for c in STEERING_COLUMNS if c in df.columns]
+        missing = {"feature", "strength", "kind"} - set(cols)
+        if missing:
+            raise StoreError(f"steering results need columns {sorted(missing)}")
+        self._con.execute("DELETE FROM steering WHERE sae_id = ? AND experiment = ?", [sae_id, experiment])
+        table = pa.Table.from_pandas(df[cols], preserve_index=False)
+        table = table.append_column("sae_id", pa.array([sae_id] * len(df), pa.string()))
+        table = table.append_column("experiment", pa.array([experiment] * len(df), pa.string()))
+        table = table.append_column("created_at", pa.array([datetime.now()] * len(df), pa.timestamp("us")))
+        self.append("steering", table)
