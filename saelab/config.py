@@ -87,7 +87,7 @@ class SAEConfig:
     """Hook point the SAE reads, e.g. blocks.12.hook_resid_post (metadata, SAELens convention)."""
 
     n_sources: int = 1
-    """Activation sources sharing one code: 1 = an SAE; more = a crosscoder (saelab.crosscoder), each
+    """Activation sources sharing one code: 1 = an SAE; more = a crosscoder (saelab.sae.CrossCoder), each
     source of width d_in (layers of one model, or one layer of several models)."""
 
     def __post_init__(self) -> None:
