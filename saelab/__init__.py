@@ -7,6 +7,7 @@ only reads the feature store (`saelab.store`) never imports torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +73,12 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif importlib.util.find_spec(f"saelab.{name}") is not None:  # `import saelab; saelab.trainer.train(...)`
+        value = importlib.import_module(f"saelab.{name}")
+    else:
         raise AttributeError(f"module 'saelab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -362,6 +362,12 @@ class ActivationCache:
         written = 0
 
         def flush(rows: Tensor) -> None:
+            largest = float(rows.abs().max())
+            if largest > float(np.finfo(np.float16).max):  # it would be cached as inf
+                raise DataError(
+                    f"activations at {cfg.hook_name} exceed float16's range (largest |value| {largest:.3g} > 65504), "
+                    "which the cache stores; set data.exclude_norm_factor to leave such tokens out"
+                )
             name = f"shard_{len(shards):05d}.npy"
             np.save(out / name, rows.numpy().astype(np.float16))
             shards.append(name)

@@ -76,7 +76,7 @@ def _cmd_analyze(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     t = info.timings
     rest = sum(v for k, v in t.items() if k != "model_forward_s")
     print(f"analysed {info.sae_id!r} into {args.store}")
-    print(f"  features {info.d_sae}, tokens {info.n_tokens} (+{info.n_outliers} massive-norm tokens skipped)")
+    print(f"  features {info.d_sae}, tokens {info.n_tokens} (+{info.n_outliers} skipped: massive norms or non-finite)")
     print(f"  features that never fired: {info.n_dead}")
     print(f"  model forward {t['model_forward_s']:.1f} s; everything else {rest:.1f} s")
     print("  (" + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items() if k != "model_forward_s") + ")")

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.activations import check_sources, keep_mask, load_cross_sources
+from saelab.activations import check_sources, keep_mask
 from saelab.config import DataConfig
 from saelab.corpus import token_sequences
 from saelab.errors import DataError
-from saelab.models import HookFn, LanguageModel, load_model
+from saelab.models import HookFn, LanguageModel
 from saelab.nexttoken import NextTokenLoss
 from saelab.results import DENSE_THRESHOLD, EvalResult, ReconMetrics, SpliceMetrics
 from saelab.rundir import RunDir
@@ -212,17 +212,14 @@ def evaluate_run(
 ) -> EvalResult:
     """Evaluate the SAE saved in `run_dir` on held-out text and write `run_dir/eval.json`."""
     run = RunDir(run_dir)
-    sae = run.load_sae()
-    data = data or run.data_config()
-    model = model or load_model(data.model, data.device)
-    sae.to(model.device)
+    sae, data, sources = run.load(model, data)
+    model = sources[0][0]
     seqs = token_sequences(model, data, "eval", eval_tokens)
     if len(seqs) == 0:
         raise DataError(f"no held-out text in {data.dataset!r} for evaluation")
     if sae.cfg.n_sources > 1:
         if all_tokens:
             raise DataError("all_tokens is not supported for crosscoders")
-        sources = [(model, sae.cfg.hook_name or data.hook_name), *load_cross_sources(model, data)]
         per_source = crosscoder_spliced_metrics(sae, sources, seqs)
     else:
         per_source = [spliced_metrics(sae, model, seqs, all_tokens=all_tokens)]

@@ -41,14 +41,16 @@ def replacing(dest: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    if not tmp.exists():
+        raise RuntimeError(f"nothing was written at {tmp} to replace {dest} with")
+    old = dest.with_name(dest.name + OLD_SUFFIX)
     if tmp.is_dir() and dest.exists():
-        old = dest.with_name(dest.name + OLD_SUFFIX)
         _remove(old)
         dest.rename(old)
         tmp.rename(dest)
-        _remove(old)
     else:
         os.replace(tmp, dest)
+    _remove(old)  # also one that an earlier kill mid-swap left behind
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

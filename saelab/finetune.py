@@ -49,8 +49,11 @@ def finetune(
     source = str(offline_default_dir()) if base == OFFLINE_DEFAULT else base
     out = Path(out_dir)
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # unknown names, unsupported architectures, no hub, missing files
+        raise DataError(f"cannot load model {base!r}: {e}") from e
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     data = DataConfig(model=base, dataset=dataset, context_size=context_size)

@@ -278,7 +278,7 @@ def load_model(name: str = OFFLINE_DEFAULT, device: str = "auto") -> LanguageMod
     try:
         with contextlib.redirect_stdout(sys.stderr):
             tl = _load_tl3(source, dev, local) if tl_major() < 4 else _load_tl4(source, dev)
-    except OSError as e:  # what transformers raises for unknown names, unreachable hubs and missing files
+    except (OSError, ValueError) as e:  # unknown names, unsupported architectures, no hub, missing files
         raise DataError(f"cannot load model {name!r}: {e}") from e
     tl.eval()
     return LanguageModel(tl, name)

@@ -70,8 +70,9 @@ class SpliceMetrics(ReconMetrics):
     """'model@hook' of a crosscoder's source (None for an SAE)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict view for JSON, the source (if any) first."""
+        """Plain-dict view for JSON: the source (if any) first, eval_tokens last (eval.json's order)."""
         d = _without_none(self)
+        d["eval_tokens"] = d.pop("eval_tokens")
         return {"source": d.pop("source")} | d if "source" in d else d
 
 

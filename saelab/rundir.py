@@ -16,12 +16,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
+from saelab.activations import load_cross_sources
 from saelab.config import DataConfig, TrainConfig, from_dict, to_dict
 from saelab.errors import CheckpointError, DataError
 from saelab.files import latest, write_atomic
+from saelab.models import LanguageModel, load_model
 from saelab.sae import CFG_FILE, SAE, read_sae_config
+
+
+class LoadedRun(NamedTuple):
+    """A run ready for inference (`RunDir.load`)."""
+
+    sae: SAE
+    """The final SAE (or CrossCoder), in eval mode, on the model's device."""
+    data: DataConfig
+    """The data config: the run's own unless another was given."""
+    sources: list[tuple[LanguageModel, str]]
+    """(model, hook) of each source the SAE reads: the main one first, then a crosscoder's others."""
 
 
 class RunDir:
@@ -65,6 +78,18 @@ class RunDir:
         """The final SAE (an SAE or a CrossCoder), in eval mode."""
         return SAE.load(self.path, device)
 
+    def load(self, model: LanguageModel | None = None, data: DataConfig | None = None) -> LoadedRun:
+        """The SAE with the model(s) it reads; `model` and `data` default to what the run trained with.
+
+        A crosscoder's further sources (other layers, or other models on the same tokens) come from
+        `data.cross_sources`, reusing `model` where they name it.
+        """
+        sae = self.load_sae()
+        data = data or self.data_config()
+        model = model or load_model(data.model, data.device)
+        sae.to(model.device)
+        return LoadedRun(sae, data, [(model, sae.cfg.hook_name or data.hook_name), *load_cross_sources(model, data)])
+
     def data_config(self) -> DataConfig:
         """The data config the run trained with (train_config.json), else one built from cfg.json's metadata."""
         path = self.path / self.TRAIN_CONFIG
@@ -89,11 +114,15 @@ class RunDir:
             yield record
 
     def _metric_lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(line, record) of each logged step; a last line a kill cut short is skipped."""
         path = self.path / self.METRICS
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    yield line, json.loads(line)
+        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        for i, line in enumerate(lines):
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1:
+                    raise CheckpointError(f"{path} is corrupt at line {i + 1}: {e}") from e
 
     def last_metrics(self) -> dict[str, Any] | None:
         """The last logged step, or None."""

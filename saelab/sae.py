@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -38,6 +39,11 @@ from saelab.sparsifiers import Code, make_sparsifier
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def first_nonfinite(tensors: Mapping[str, Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
 
 
 def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-6) -> Tensor:
@@ -301,14 +307,14 @@ class SAE(nn.Module):
 
     def check_finite(self) -> None:
         """Raise `CheckpointError` naming the first parameter or buffer with a NaN or infinite value."""
-        for name, t in self.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise CheckpointError(f"{name} holds non-finite values")
+        name = first_nonfinite(self.state_dict())
+        if name is not None:
+            raise CheckpointError(f"{name} holds non-finite values")
 
-    @staticmethod
-    def from_config(cfg: SAEConfig) -> SAE:
-        """A new SAE, or a `CrossCoder` when `cfg.n_sources` > 1."""
-        return CrossCoder(cfg) if cfg.n_sources > 1 else SAE(cfg)
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> SAE:
+        """A new `cls`; from `SAE`, a `CrossCoder` when `cfg.n_sources` > 1."""
+        return CrossCoder(cfg) if cfg.n_sources > 1 and not cls.multi_source else cls(cfg)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -318,9 +324,7 @@ class SAE(nn.Module):
         BatchTopK's threshold and other training statistics. Call `.train()` to train it further.
         """
         path = Path(path)
-        sae = SAE.from_config(read_sae_config(path))
-        if not isinstance(sae, cls):
-            raise CheckpointError(f"{path} holds a {type(sae).__name__}, not a {cls.__name__}")
+        sae = cls.from_config(read_sae_config(path))
         load_state(sae, path / WEIGHTS_FILE)
         return sae.to(device).eval()
 

@@ -30,7 +30,7 @@ from saelab.evals import evaluate_run
 from saelab.files import replacing
 from saelab.models import load_model, resolve_device
 from saelab.rundir import RunDir
-from saelab.sae import SAE, WEIGHTS_FILE, load_state
+from saelab.sae import SAE, WEIGHTS_FILE, first_nonfinite, load_state
 
 
 def default_lr(d_sae: int) -> float:
@@ -107,8 +107,8 @@ class Trainer:
             # to ordinary steps; only then is the batch inspected to tell bad data from divergence.
             bad = int((~torch.isfinite(x).all(dim=-1)).sum())
             cause = (
-                f"{bad} of {len(x)} activation rows of its batch hold NaN or infinite values (saelab's harvest "
-                "drops such tokens; clean activations you pass in yourself)"
+                f"{bad} of {len(x)} activation rows of its batch hold NaN or infinite values (check the "
+                "activation source: saelab's harvest drops such tokens, arrays passed in are used as they are)"
                 if bad
                 else f"the loss is {metrics['loss']} (training diverged; try a lower lr)"
             )
@@ -184,9 +184,9 @@ class Trainer:
             self.sae.check_finite()
         except CheckpointError as e:
             raise TrainingError(f"step {self.step}: {e}") from None
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise TrainingError(f"step {self.step}: optimiser state {bad[0]} holds non-finite values")
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise TrainingError(f"step {self.step}: optimiser state {bad} holds non-finite values")
         state = {
             "step": self.step,
             "source": self.source.state_dict(),

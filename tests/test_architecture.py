@@ -119,6 +119,7 @@ with FeatureStore({str(tmp_path / "s.duckdb")!r}) as store:
 assert "torch" not in sys.modules, "importing or reading the store imported torch"
 saelab.SAE  # a lazy attribute: only now is torch imported
 assert "torch" in sys.modules
+assert callable(saelab.rundir.RunDir) and saelab.store.FeatureStore is FeatureStore  # submodules, lazily
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -93,3 +93,16 @@ def test_harvest_drops_and_counts_non_finite_tokens(
     seen, dropped = cache.meta["tokens_seen"], cache.meta["tokens_nonfinite"]
     assert dropped == 2 * -(-seen // (8 * 16))
     assert cache.meta["tokens_excluded"] >= dropped if factor else cache.meta["tokens_excluded"] == dropped
+
+
+def test_activations_beyond_float16_are_refused_not_cached_as_inf(tiny_model, tiny_model_dir, corpus_dir, tmp_path):
+    from saelab.errors import DataError
+
+    cfg = DataConfig(model=str(tiny_model_dir), dataset=str(corpus_dir), hook_name="blocks.0.hook_resid_post",
+                     context_size=16, n_tokens=256, exclude_norm_factor=0.0)  # fmt: skip
+    real = tiny_model.activations
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiny_model, "activations", lambda tokens, hook: real(tokens, hook) * 1e5)
+        with pytest.raises(DataError, match="exceed float16's range"):
+            ActivationCache.harvest(tiny_model, cfg, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.tmp").exists()

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import __version__
-from saelab.activations import check_sources, load_cross_sources
+from saelab.activations import check_sources
 from saelab.analysis.reduce import blocks, reduce_block
 from saelab.analysis.spill import (
     Sources,
@@ -44,7 +44,7 @@ from saelab.analysis.weights import diffing_columns, logits_and_neighbours, voca
 from saelab.config import AnalysisConfig, DataConfig, to_dict
 from saelab.errors import DataError
 from saelab.evals import density_histogram
-from saelab.models import LanguageModel, load_model
+from saelab.models import LanguageModel
 from saelab.rundir import RunDir
 from saelab.sae import SAE, WEIGHTS_FILE
 from saelab.store import FeatureStore, SAEInfo
@@ -68,12 +68,7 @@ def analyze(
     default to what the run trained with; `on_chunk(i)` is called after each spilled chunk.
     """
     run = RunDir(run_dir)
-    sae = run.load_sae()
-    data = data or run.data_config()
-    model = model or load_model(data.model, data.device)
-    sae.to(model.device)
-    # A crosscoder also reads the run's other sources (other layers, or other models on the same tokens).
-    sources = [(model, sae.cfg.hook_name or data.hook_name), *load_cross_sources(model, data)]
+    sae, data, sources = run.load(model, data)
     return analyze_sae(sae, sources, data, store, cfg or AnalysisConfig(), sae_id or run.name, run, on_chunk)
 
 

@@ -64,6 +64,13 @@ class Totals:
     """Seconds in the SAE's encoder."""
 
 
+def _save_atomic(path: Path, save: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """`save(file, ...)` (np.save, np.savez) into memory, then to `path` atomically."""
+    buf = io.BytesIO()
+    save(buf, *args, **kwargs)
+    write_atomic(path, buf.getvalue())
+
+
 def default_work_dir(store: str | Path, sae_id: str) -> Path:
     """Where an analysis spills its activations: beside the store, one directory per SAE."""
     store = Path(store)
@@ -125,9 +132,7 @@ class WorkDir:
                 f"sequence), fewer than the {n_tokens} asked for; analysing those",
                 file=sys.stderr,
             )
-        buf = io.BytesIO()
-        np.save(buf, seqs.numpy().astype(np.int32))
-        write_atomic(saved, buf.getvalue())
+        _save_atomic(saved, np.save, seqs.numpy().astype(np.int32))
         write_atomic(meta, json.dumps(self.key))
         return np.load(saved, mmap_mode="r")
 
@@ -141,9 +146,7 @@ class WorkDir:
 
     def write_chunk(self, i: int, **arrays: Any) -> None:
         """Spill one chunk atomically: a kill leaves it whole or absent."""
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        write_atomic(self.chunk_path(i), buf.getvalue())
+        _save_atomic(self.chunk_path(i), np.savez, **arrays)
 
     def chunks(self, n_chunks: int, d_sae: int, ctx: int, lo: int = 0, hi: int | None = None) -> Iterator[Spill]:
         """The spilled activations chunk by chunk, restricted to features in [lo, hi)."""

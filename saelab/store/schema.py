@@ -23,7 +23,7 @@ CREATE TABLE saes (
     d_sae INTEGER,
     k INTEGER,
     n_tokens BIGINT,          -- ordinary tokens analysed
-    n_outliers BIGINT,        -- massive-norm tokens skipped (the SAE is not applied there)
+    n_outliers BIGINT,        -- tokens skipped: massive norms or non-finite activations (no SAE there)
     n_dead INTEGER,           -- features that never fired on the analysed tokens
     context_size INTEGER,
     cfg VARCHAR,              -- the SAE's cfg.json
