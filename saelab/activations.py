@@ -150,6 +150,7 @@ class ModelActivations:
         self.n_excluded = 0
         """Tokens dropped: massive-norm ones and those with non-finite activations."""
         self.n_nonfinite = 0
+        """... of which with NaN or infinite activations."""
         self._yielded = 0
 
     def token_batches(self) -> Iterator[Tensor]:

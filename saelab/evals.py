@@ -157,18 +157,17 @@ def _splice_each_source(
         per_source = x.view(len(x), S, -1)
         for s, (model, hook) in enumerate(sources):
             stats[s].update(per_source[keep, s], recon[keep, s], codes[keep])
-            loss = losses[s]
-            loss.clean(clean[s], toks)
-            loss.run("sae", model.run_with_hooks(toks, [(hook, _put(recon[:, s], keep))]), toks)
-            loss.run("zero", model.run_with_hooks(toks, [(hook, _put(torch.zeros_like(recon[:, s]), keep))]), toks,
-                     kl=False)  # fmt: skip
+            runs = {"sae": _put(recon[:, s], keep), "zero": _put(torch.zeros_like(recon[:, s]), keep)}
             if all_tokens:
-                loss.run("all", model.run_with_hooks(toks, [(hook, _put(recon[:, s], torch.ones_like(keep)))]), toks)
+                runs["all"] = _put(recon[:, s], torch.ones_like(keep))
+            losses[s].clean(clean[s], toks)
+            for name, fn in runs.items():  # KL of the zero ablation is not reported
+                losses[s].run(name, model.run_with_hooks(toks, [(hook, fn)]), toks, kl=name != "zero")
         n_tok += toks.numel()
         n_outliers += int((~keep).sum())
     results = []
     for st, loss in zip(stats, losses, strict=True):
-        clean_ce, sae_ce, zero_ce = loss.mean_ce(), loss.mean_ce("sae"), loss.mean_ce("zero")
+        clean_ce, sae_ce, zero_ce = loss.mean_ce_clean(), loss.mean_ce("sae"), loss.mean_ce("zero")
         results.append(
             SpliceMetrics(
                 **vars(st.metrics()),

@@ -6,6 +6,8 @@ things over batches of held-out text; `NextTokenLoss` is that accumulation, writ
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from torch import Tensor
 
 
@@ -20,44 +22,47 @@ class NextTokenLoss:
     """Summed next-token CE of a clean run and of named runs, and KL(clean || run), over batches.
 
     Per batch: `clean(logits, tokens)` first, then `run(name, logits, tokens)` for each other run on
-    the same tokens. `mean_ce` / `mean_kl` divide by the number of predicted tokens.
+    the same tokens (names are any hashable). Means divide by the number of predicted tokens.
     """
-
-    CLEAN = "clean"
 
     def __init__(self) -> None:
         self.n = 0
         """Predicted tokens so far."""
-        self.ce: dict[str, float] = {}
-        self.kl: dict[str, float] = {}
+        self.ce_clean = 0.0
+        """Summed CE of the clean run."""
+        self.ce: dict[Hashable, float] = {}
+        """Summed CE of each other run."""
+        self.kl: dict[Hashable, float] = {}
+        """Summed KL(clean || run) of each run measured with `kl=True`."""
         self._clean: tuple[Tensor, Tensor] | None = None
 
     def clean(self, logits: Tensor, tokens: Tensor) -> Tensor:
         """Start a batch with the clean run's logits [B, T, V]; returns its log-probs [B, T-1, V]."""
         logp, ce = next_token_logprobs(logits, tokens)
-        self._add_ce(self.CLEAN, ce)
+        self.ce_clean += float(ce.sum())
         self.n += ce.numel()
         self._clean = (logp, logp.exp())
         return logp
 
-    def run(self, name: str, logits: Tensor, tokens: Tensor, kl: bool = True) -> Tensor:
+    def run(self, name: Hashable, logits: Tensor, tokens: Tensor, kl: bool = True) -> Tensor:
         """Add another run's logits on the current batch (and its KL unless `kl` is False); its log-probs."""
         if self._clean is None:
             raise RuntimeError("NextTokenLoss.run before clean(): the clean run of a batch comes first")
         logp, ce = next_token_logprobs(logits, tokens)
-        self._add_ce(name, ce)
+        self.ce[name] = self.ce.get(name, 0.0) + float(ce.sum())
         if kl:
             logp_clean, p_clean = self._clean
             self.kl[name] = self.kl.get(name, 0.0) + float((p_clean * (logp_clean - logp)).sum())
         return logp
 
-    def _add_ce(self, name: str, ce: Tensor) -> None:
-        self.ce[name] = self.ce.get(name, 0.0) + float(ce.sum())
+    def mean_ce_clean(self) -> float:
+        """Mean CE per predicted token of the clean run."""
+        return self.ce_clean / max(self.n, 1)
 
-    def mean_ce(self, name: str = CLEAN) -> float:
-        """Mean CE per predicted token of run `name` (the clean run by default)."""
+    def mean_ce(self, name: Hashable) -> float:
+        """Mean CE per predicted token of run `name`."""
         return self.ce[name] / max(self.n, 1)
 
-    def mean_kl(self, name: str) -> float:
+    def mean_kl(self, name: Hashable) -> float:
         """Mean KL(clean || run `name`) per predicted token."""
         return self.kl[name] / max(self.n, 1)

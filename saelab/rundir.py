@@ -126,7 +126,8 @@ class RunDir:
 
     def last_metrics(self) -> dict[str, Any] | None:
         """The last logged step, or None."""
-        return next(iter(reversed(list(self.metrics()))), None)
+        records = list(self.metrics())
+        return records[-1] if records else None
 
     def open_metrics_log(self, step: int) -> TextIO:
         """metrics.jsonl opened for appending, first cut back to `step` so a resumed run logs no step twice."""

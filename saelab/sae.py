@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -39,11 +38,6 @@ from saelab.sparsifiers import Code, make_sparsifier
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-
-
-def first_nonfinite(tensors: Mapping[str, Tensor]) -> str | None:
-    """Name of the first floating-point tensor holding a NaN or an infinity, or None."""
-    return next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
 
 
 def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-6) -> Tensor:
@@ -304,12 +298,6 @@ class SAE(nn.Module):
             save_file(tensors, str(tmp))
         meta = to_dict(self.cfg) | {"architecture": self.cfg.sparsifier, "saelab_format": 1}
         write_atomic(path / CFG_FILE, json.dumps(meta, indent=2))
-
-    def check_finite(self) -> None:
-        """Raise `CheckpointError` naming the first parameter or buffer with a NaN or infinite value."""
-        name = first_nonfinite(self.state_dict())
-        if name is not None:
-            raise CheckpointError(f"{name} holds non-finite values")
 
     @classmethod
     def from_config(cls, cfg: SAEConfig) -> SAE:

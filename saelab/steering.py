@@ -340,8 +340,6 @@ def steering_effects(
         raise DataError(f"sequences must be token ids [n >= 1, T >= 2], got shape {tuple(sequences.shape)}")
     targets = {name: ids for name, ids in (targets or {}).items() if name in settings}
     prepared = {name: _prepare(model, ivs) for name, ivs in settings.items()}
-    # Settings may have any hashable names ('clean' too), so the accumulator's runs are numbered.
-    runs = {name: str(i) for i, name in enumerate(settings)}
     loss = NextTokenLoss()
     target_sums = {name: [0.0, 0.0] for name in targets}  # steered, clean
     for start in tqdm(range(0, len(sequences), batch_size), desc="steering effects", unit="batch", leave=False):
@@ -349,18 +347,18 @@ def steering_effects(
         logp_clean = loss.clean(model.run_with_hooks(toks), toks)
         for name in settings:
             with _hooked(model, prepared[name]):
-                logp = loss.run(runs[name], model.run_with_hooks(toks), toks)
+                logp = loss.run(name, model.run_with_hooks(toks), toks)
             if name in targets:
                 target_sums[name][0] += float(_target_logprob(logp, targets[name]).sum())
                 target_sums[name][1] += float(_target_logprob(logp_clean, targets[name]).sum())
-    n, ce_clean = loss.n, loss.ce[NextTokenLoss.CLEAN]
+    n = loss.n
     out = {}
-    for name, run in runs.items():
+    for name in settings:
         effect = SteeringEffect(
-            ce_loss=loss.mean_ce(run),
-            ce_clean=loss.mean_ce(),
-            ce_increase=(loss.ce[run] - ce_clean) / n,
-            kl=loss.mean_kl(run),
+            ce_loss=loss.mean_ce(name),
+            ce_clean=loss.mean_ce_clean(),
+            ce_increase=(loss.ce[name] - loss.ce_clean) / n,
+            kl=loss.mean_kl(name),
         )
         if name in targets:
             steered, clean = target_sums[name]

@@ -14,7 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from saelab.evals import evaluate_run
 from saelab.files import replacing
 from saelab.models import load_model, resolve_device
 from saelab.rundir import RunDir
-from saelab.sae import SAE, WEIGHTS_FILE, first_nonfinite, load_state
+from saelab.sae import SAE, WEIGHTS_FILE, load_state
 
 
 def default_lr(d_sae: int) -> float:
@@ -49,7 +49,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, sae: SAE, source: ActivationSource, out_dir: str | Path | None = None):
         self.cfg, self.sae, self.source = cfg, sae, source
         self.run = RunDir(out_dir or cfg.out_dir)
-        self.out_dir = self.run.path
         self.device = resolve_device(cfg.device)
         self.sae.to(self.device)
         self.lr = cfg.lr or default_lr(sae.d_sae)
@@ -62,6 +61,11 @@ class Trainer:
         """Step of the last checkpoint written or resumed from (None: none yet)."""
         self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=self.device)
         self.autocast = cfg.autocast and self.device.type == "cuda"
+
+    @property
+    def out_dir(self) -> Path:
+        """The run directory."""
+        return self.run.path
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to 0 over the last `decay_fraction` of steps."""
@@ -180,13 +184,9 @@ class Trainer:
         tensors = {"tokens_since_fired": self.tokens_since_fired.cpu()}
         for pid, st in opt_state["state"].items():
             tensors |= {f"opt.{pid}.{k}": v.detach().cpu().contiguous() for k, v in st.items()}
-        try:
-            self.sae.check_finite()
-        except CheckpointError as e:
-            raise TrainingError(f"step {self.step}: {e}") from None
-        bad = first_nonfinite(tensors)
+        bad = first_nonfinite(self.sae.state_dict() | tensors)
         if bad is not None:
-            raise TrainingError(f"step {self.step}: optimiser state {bad} holds non-finite values")
+            raise TrainingError(f"step {self.step}: {bad} holds non-finite values")
         state = {
             "step": self.step,
             "source": self.source.state_dict(),
@@ -224,6 +224,11 @@ class Trainer:
         self.step = self.saved_step = int(state["step"])
         self.source.load_state_dict(state["source"])
         return True
+
+
+def first_nonfinite(tensors: Mapping[str, Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
 
 
 def _prepend(first: Tensor, rest: Any) -> Any:
