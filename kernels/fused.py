@@ -14,10 +14,10 @@ the values and the same CSR accumulation for W_dec. Under autocast the backward 
 from __future__ import annotations
 
 import torch
-from saelab.kernels.triton_ops import CSR, decode, gather_dot, topk_indices
 from torch import Tensor
 
 from saelab import ops
+from saelab.kernels.triton_ops import CSR, decode, gather_dot, topk_indices
 from saelab.ops import Selection
 
 

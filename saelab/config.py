@@ -283,6 +283,10 @@ class AnalysisConfig:
     context_after: int = 8
     """Tokens shown after an example's token."""
 
+    min_context: int = 8
+    """Tokens a token needs before it in its sequence to be chosen as a top example or band sample
+    (earlier ones only when a feature has too few others); statistics count every firing."""
+
     hist_bins: int = 32
     """Bins of each feature's activation histogram."""
 
@@ -302,7 +306,7 @@ class AnalysisConfig:
         for name in ("n_tokens", "model_batch_size", "n_top", "n_bands", "hist_bins", "max_entries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("per_band", "context_before", "context_after", "n_logits", "n_neighbours"):
+        for name in ("per_band", "context_before", "context_after", "min_context", "n_logits", "n_neighbours"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 

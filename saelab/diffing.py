@@ -26,7 +26,7 @@ from torch import Tensor
 from saelab.config import mixture_parts
 from saelab.errors import DataError
 from saelab.sae import CrossCoder, SparseCode
-from saelab.store import FeatureStore
+from saelab.store import FeatureStore, StoreError
 
 CLASSES = ("A-only", "shared", "B-only")
 
@@ -182,9 +182,11 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
     over each listed group, and per listed latent.
     """
     info = fs.sae(sae_id)
-    df = fs.diffing(sae_id)
-    if "rel_norm" not in df or df["rel_norm"].isna().all():
-        raise DataError(f"{sae_id!r} has no diffing metrics: analyse a two-source crosscoder to get them")
+    try:
+        leaning = fs.leaning(sae_id, top)
+    except StoreError as e:
+        raise DataError(str(e)) from None
+    groups = {name: leaning[name] for name in ("B", "A")}
     sources = info.params.get("sources") or ["source A", "source B"]
     counts, confirmed = fs.diffing_counts(sae_id), fs.diffing_counts(sae_id, nu_below=nu_below)
     lines = [
@@ -192,18 +194,19 @@ def report(fs: FeatureStore, sae_id: str, top: int = 5, examples: int = 3, nu_be
         f"  {'class':<8} {'latents':>8} {f'nu < {nu_below:g}':>10}",
         *(f"  {c:<8} {counts.get(c, 0):>8} {confirmed.get(c, 0):>10}" for c in CLASSES),
     ]
-    # By n_fires, not by a finite nu: stores analysed before schema v4 have no Latent Scaling ratios.
-    fired = df[df["feature"].isin(fs.fired_features(sae_id))]
-    groups = {name: fired.sort_values("rel_norm", ascending=name == "A").head(top) for name in ("B", "A")}
+    fired = fs.fired_features(sae_id)
     parts = mixture_parts(info.params.get("dataset") or "")  # older analyses record no dataset
     origins = None
     if len(parts) > 1:  # [fired latent x corpus] counts of stored top examples
         origins = fs.example_origins(sae_id, len(parts))
-        origins = origins.reindex(index=fired["feature"], columns=range(len(parts)), fill_value=0)
+        origins = origins.reindex(index=fired, columns=range(len(parts)), fill_value=0)
     if origins is not None:
         lines.append("\ntop examples by corpus (" + " / ".join(Path(p).name or p for p in parts) + "):")
-        named = {"all fired latents": fired, **{f"{top} leaning most to {g}": d for g, d in groups.items()}}
-        lines += [f"  {name:<26} {_shares(origins.loc[d['feature']].sum())}" for name, d in named.items()]
+        named = {
+            "all fired latents": fired,
+            **{f"{top} leaning most to {g}": list(d["feature"]) for g, d in groups.items()},
+        }
+        lines += [f"  {name:<26} {_shares(origins.loc[ids].sum())}" for name, ids in named.items()]
     for name, source in (("B", sources[1]), ("A", sources[0])):
         lines.append(f"\nlatents leaning most to {name} ({source}):")
         for row in groups[name].itertuples():

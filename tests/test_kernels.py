@@ -15,10 +15,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton's first import: it reads the flag then
 pytest.importorskip("triton")
 
+from saelab import ops
 from saelab.kernels import fused
 from saelab.kernels.triton_ops import CSR, MAX_BLOCK, topk_indices
-
-from saelab import ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, D, F = 23, 45, 210  # no powers of two anywhere

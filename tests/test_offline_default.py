@@ -70,9 +70,10 @@ def test_train_and_eval_smollm2_on_shakespeare(tmp_path) -> None:
     with FeatureStore(store) as fs:
         info = fs.sae("run")
         assert (info.d_sae, info.n_tokens + info.n_outliers) == (4608, 1024)
-        top = fs.feature_list("run", sort="max_act", limit=1).rows[0]
+        top = fs.feature_list("run", sort="ctx_max_act", limit=1).rows[0]
         dash = fs.dashboard("run", top.feature)
-        assert dash.top_examples[0].act == pytest.approx(top.max_act)
+        assert dash.top_examples[0].act == pytest.approx(top.ctx_max_act) and top.ctx_max_act <= top.max_act
+        assert dash.top_examples[0].pos >= info.params["min_context"]
         assert len(dash.promoted) == 10 and all(isinstance(t, str) for t, _ in dash.promoted)
         assert " the" in fs.vocab("smollm2-135m")
 

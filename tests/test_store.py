@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from test_analysis import CFG, tiny_data, tiny_run
 
 from saelab.analysis import analyze
 from saelab.store import SORT_KEYS, FeatureStore, StoreError
+from saelab.store.schema import ADDED_COLUMNS, MIGRATIONS, SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,11 @@ def test_feature_list_filters_sorts_and_pages(built) -> None:
         assert [r.feature for r in page.rows] == [r.feature for r in want[2:7]]
         for key in SORT_KEYS:
             store.feature_list("run-topk", sort=key, limit=3)
+        # The strongest firing with min_context tokens of context, at most the strongest of all.
+        by_ctx = store.feature_list("run-topk", sort="ctx_max_act", limit=1000).rows
+        with_ctx = [r for r in by_ctx if r.ctx_max_act is not None]
+        assert with_ctx and [r.ctx_max_act for r in with_ctx] == sorted((r.ctx_max_act for r in with_ctx), reverse=True)
+        assert all(r.ctx_max_act <= r.max_act for r in with_ctx)
 
 
 def test_reader_during_write_sees_the_old_complete_store(store_path) -> None:
@@ -150,15 +157,16 @@ def test_foreign_corrupt_missing_and_newer_files(tmp_path, store_path) -> None:
     con = duckdb.connect(str(store_path))
     con.execute("UPDATE saelab_meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(StoreError, match="schema v99; this saelab reads v4: upgrade saelab"):
+    with pytest.raises(StoreError, match="schema v99; this saelab reads v5: upgrade saelab"):
         FeatureStore(store_path)
 
 
 def test_older_store_is_read_as_is_and_upgraded_by_writers(store_path) -> None:
-    # A v1 store is today's store without the steering (v2) and diffing (v3, v4) tables.
+    # A v1 store is today's store without the steering (v2) and diffing (v3, v4) tables and ctx_max_act (v5).
     con = duckdb.connect(str(store_path))
     con.execute("DROP TABLE steering")
     con.execute("DROP TABLE diffing")
+    con.execute("ALTER TABLE features DROP COLUMN ctx_max_act")
     con.execute("UPDATE saelab_meta SET value = '1' WHERE key = 'schema_version'")
     con.close()
     with FeatureStore(store_path) as old:
@@ -169,10 +177,47 @@ def test_older_store_is_read_as_is_and_upgraded_by_writers(store_path) -> None:
     with FeatureStore.writer(store_path) as w:
         w.set_label("run-topk", 1, "upgraded")
     with FeatureStore(store_path) as new:
-        assert new.query("SELECT value FROM saelab_meta WHERE key = 'schema_version'")["value"][0] == "4"
+        assert new.query("SELECT value FROM saelab_meta WHERE key = 'schema_version'")["value"][0] == "5"
         assert {"nu_error", "nu_recon"} <= set(new.query("SELECT * FROM diffing").columns)
+        assert new.query("SELECT count(ctx_max_act) AS n FROM features")["n"][0] == 0  # analysed before v5
         assert new.steering_experiments("run-topk") == []
         assert new.dashboard("run-topk", 1).summary.label == "upgraded"
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_reads_of_older_stores_see_added_columns_as_null(store_path, version) -> None:
+    # A v4 store lacks features.ctx_max_act (v5); a v3 store also diffing's nu_error and nu_recon (v4).
+    con = duckdb.connect(str(store_path))
+    con.execute("ALTER TABLE features DROP COLUMN ctx_max_act")
+    if version == 3:
+        con.execute("ALTER TABLE diffing DROP COLUMN nu_error")
+        con.execute("ALTER TABLE diffing DROP COLUMN nu_recon")
+    con.execute("UPDATE saelab_meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+    con.close()
+    with FeatureStore(store_path) as old:
+        page = old.feature_list("run-topk", sort="ctx_max_act", limit=1000)
+        assert page.total == 40 and all(r.ctx_max_act is None for r in page.rows)
+        assert [r.feature for r in page.rows] == list(range(40))  # all NULL: by feature
+        dash = old.dashboard("run-topk", page.rows[0].feature)
+        assert dash.summary.ctx_max_act is None and dash.nu_error is None
+        token = next(e for e in old.query("SELECT max_token FROM examples WHERE sae_id = 'run-topk'")["max_token"])
+        assert old.search("run-topk", token)
+        assert old.query("SELECT count(*) AS n FROM features WHERE ctx_max_act IS NULL")["n"][0] == 80
+        assert {"nu_error", "nu_recon"} <= set(old.diffing("run-topk").columns)
+        assert old.diffing_counts("run-topk", nu_below=0.3) == {}
+    # The file itself is untouched by reading it.
+    con = duckdb.connect(str(store_path), read_only=True)
+    assert "ctx_max_act" not in {r[0] for r in con.execute("DESCRIBE features").fetchall()}
+    con.close()
+
+
+def test_added_columns_are_the_migrations_alter_statements() -> None:
+    assert max(MIGRATIONS) + 1 == SCHEMA_VERSION
+    for v, sql in MIGRATIONS.items():
+        added: dict[str, dict[str, str]] = {}
+        for table, col, typ in re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+) (\w+)", sql):
+            added.setdefault(table, {})[col] = typ
+        assert ADDED_COLUMNS.get(v + 1, {}) == added, v
 
 
 def test_export_parquet(built, tmp_path) -> None:
@@ -183,3 +228,84 @@ def test_export_parquet(built, tmp_path) -> None:
     assert {"features.parquet", "examples.parquet", "saes.parquet", "vocab.parquet", "diffing.parquet"} <= names
     assert pq.read_table(tmp_path / "it's parquet" / "features.parquet").num_rows == 80
     assert pq.read_table(tmp_path / "it's parquet" / "examples.parquet").num_rows == n_examples
+
+
+def _search_by_definition(store: FeatureStore, sae_id: str, text: str) -> tuple[list[int], int]:
+    """`search` computed in Python from the store's rows, without a limit, and how many features have
+    top examples on a matching token. Features whose label, top-example tokens or promoted tokens
+    contain `text` (case-insensitive); matching labels first (then other labels, then unlabelled
+    features, as SQL's NULLS LAST orders the label match), then by matching top examples, then by
+    max_act (NULL last), then by id."""
+    needle = text.lower()
+
+    def has(s: str | None) -> bool:
+        return s is not None and needle in s.lower()
+
+    examples = store.con.execute(
+        "SELECT feature, max_token FROM examples WHERE sae_id = ? AND kind = 'top'", [sae_id]
+    ).fetchall()
+    hits: dict[int, int] = {}
+    for f, token in examples:
+        if has(token):
+            hits[f] = hits.get(f, 0) + 1
+    features = store.con.execute(
+        "SELECT feature, label, pos_tokens, max_act FROM features WHERE sae_id = ?", [sae_id]
+    ).fetchall()
+    found = [
+        (0 if has(label) else 1 if label is not None else 2, -hits.get(f, 0), m is None, -(m or 0.0), f)
+        for f, label, pos, m in features
+        if f in hits or has(label) or any(has(t) for t in pos or [])
+    ]
+    return [key[-1] for key in sorted(found)], len(hits)
+
+
+def test_search_matches_its_definition_with_and_without_vocab(store_path, tmp_path) -> None:
+    # Give three tokens awkward texts (wildcards, a backslash, quotes), everywhere their text is stored:
+    # two tokens top examples peak on and one only promoted.
+    con = duckdb.connect(str(store_path))
+    (model,) = con.execute("SELECT model FROM saes WHERE sae_id = 'run-topk'").fetchone()
+    texts = dict(con.execute("SELECT token_id, token FROM vocab WHERE model = ?", [model]).fetchall())
+    unique = {t: i for i, t in texts.items() if list(texts.values()).count(t) == 1}
+    peaks = con.execute(
+        "SELECT max_token FROM examples WHERE sae_id = 'run-topk' AND kind = 'top' GROUP BY 1 ORDER BY count(*) DESC"
+    ).fetchall()
+    on_examples = [unique[t] for (t,) in peaks if t in unique][:2]
+    promoted = {i for (ids,) in con.execute("SELECT pos_token_ids FROM features").fetchall() for i in ids}
+    in_examples = {unique.get(t) for (t,) in con.execute("SELECT DISTINCT max_token FROM examples").fetchall()}
+    only_promoted = min((promoted & set(unique.values())) - in_examples)
+    for i, new in zip([*on_examples, only_promoted], ["50%_OFF", "back\\slash", 'it\'s "quoted"'], strict=True):
+        con.execute("UPDATE examples SET max_token = ? WHERE max_token = ?", [new, texts[i]])
+        con.execute("UPDATE vocab SET token = ? WHERE model = ? AND token_id = ?", [new, model, i])
+        texts[i] = new
+    for sae_id, f, ids in con.execute("SELECT sae_id, feature, pos_token_ids FROM features").fetchall():
+        con.execute(
+            "UPDATE features SET pos_tokens = ? WHERE sae_id = ? AND feature = ?", [[texts[i] for i in ids], sae_id, f]
+        )
+    con.close()
+    with FeatureStore.writer(store_path) as w:
+        w.set_label("run-topk", 3, "100% of 'quotes' and under_scores")
+        w.set_label("run-topk", 5, "C:\\Path\\50%")
+        w.set_label("run-topk", 7, "")
+        w.set_label("run-relu", 2, "Back\\Slash")
+    no_vocab = tmp_path / "no-vocab.duckdb"
+    shutil.copyfile(store_path, no_vocab)
+    con = duckdb.connect(str(no_vocab))
+    con.execute("DELETE FROM vocab")
+    con.close()
+
+    common = peaks[0][0]
+    queries = ["%", "_", "\\", "'", '"', "%_", "50%", "0%_o", "K\\S", "'S \"QUOTED", "100%", "under_s", "UNDER%S", ""]
+    queries += [common, common.upper(), common[1:], "no such text", "'; DROP TABLE features; --", "%' OR 1=1 --"]
+    with FeatureStore(store_path) as store, FeatureStore(no_vocab) as fallback:
+        assert store.has_vocab(model) and not fallback.has_vocab(model)
+        for sae_id in ("run-topk", "run-relu"):
+            for text in queries:
+                ranked, n_hits = _search_by_definition(store, sae_id, text)
+                for limit in sorted({1, 3, 50, 1000, n_hits, n_hits + 1}):
+                    got = store.search(sae_id, text, limit)
+                    assert [r.feature for r in got] == ranked[:limit], (sae_id, text, limit)
+                    assert fallback.search(sae_id, text, limit) == got, (sae_id, text, limit)
+        # The awkward tokens are found where their texts are stored.
+        assert store.search("run-topk", "50%_off") and store.search("run-topk", "back\\slash")
+        assert store.search("run-topk", 'it\'s "quoted"')
+        assert store.search("run-topk", "50\\%_off") == store.search("run-topk", "5_%") == []

@@ -8,7 +8,9 @@
    chunks already on disk. Nothing that grows with the number of tokens is kept in memory.
 2. `reduce`: the spill is reduced in blocks of features sized so that a block's activations fit
    `max_entries`, which gives exact statistics and quantiles, the top examples, band samples and
-   context windows for those features (numpy only).
+   context windows for those features (numpy only). Statistics count every firing; examples come
+   from tokens with at least `min_context` tokens before them while a feature has enough of those
+   (`ctx_max_act` is the strongest of them), and never show the same left context twice.
 3. `weights`: logit effects, neighbours and the crosscoder diffing view come from the weights alone.
 
 `tables` lays the results out as the store's Arrow tables, and everything is written through one
@@ -129,8 +131,7 @@ def _write(
     with FeatureStore.writer(path) as store:
         store.put_sae(row)
         t0 = time.perf_counter()
-        if not store.has_vocab(model.name):
-            store.append("vocab", vocab_table(model.name, vocab))
+        store.put_vocab(model.name, vocab_table(model.name, vocab))
         store.append("train_metrics", train_metrics_table(sae_id, run.metrics() if run is not None else ()))
         if len(sources) > 1:
             ratios = scaling_ratios(dirs, work.scaling_sums(n_chunks)) if len(sources) == 2 else None

@@ -34,6 +34,8 @@ def features_table(
     cols["density"] = pa.array(stats["density"])
     for name in ("mean_act", "max_act", "neg_frac", "q50", "q90", "q99"):  # undefined where it never fired
         cols[name] = _nullable(stats[name], fired)
+    ctx = stats["ctx_max_act"]  # NaN where it never fired with min_context tokens before it
+    cols["ctx_max_act"] = _nullable(ctx, ~np.isnan(ctx))
     cols["hist_counts"] = _fixed_lists(stats["hist_counts"].astype(np.int32))
     cols["band_counts"] = _fixed_lists(stats["band_counts"].astype(np.int64))
     for prefix in ("pos", "neg"):

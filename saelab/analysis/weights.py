@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -82,9 +83,44 @@ def diffing_columns(sae: SAE, dirs: torch.Tensor) -> dict[str, Any]:
 
 
 def vocab_texts(model: LanguageModel) -> list[str]:
-    """Each token id's text, for every row of the unembedding (ids past the tokenizer read `<id>`)."""
+    """Each token id's text, for every row of the unembedding (ids past the tokenizer read `<id>`).
+
+    A token that is only part of a UTF-8 character decodes to U+FFFD on its own; it reads as its
+    bytes instead (`\\xe2\\x80`, or a byte-fallback piece's own `<0xE2>`), so pieces stay distinct.
+    """
     tok = model.tokenizer
     d_vocab = int(model.W_U.shape[1])
     n = min(len(tok), d_vocab)
     texts = tok.batch_decode([[i] for i in range(n)])
+    for i, text in enumerate(texts):
+        if "\ufffd" in text:
+            texts[i] = byte_piece(tok.convert_ids_to_tokens(i)) or text
     return texts + [f"<{i}>" for i in range(n, d_vocab)]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme), inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def byte_piece(piece: str | None) -> str | None:
+    """A sub-character token's text from its vocabulary entry: byte-fallback `<0xNN>` as it is, a byte-level
+    BPE piece as its bytes with the undecodable ones written `\\xNN`; None for any other entry."""
+    if piece is None:
+        return None
+    if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", piece):
+        return piece
+    if all(c in BYTE_LEVEL for c in piece):
+        return bytes(BYTE_LEVEL[c] for c in piece).decode("utf-8", errors="backslashreplace")
+    return None

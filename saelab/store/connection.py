@@ -4,7 +4,8 @@ Writers never modify a published store in place: `publishing` copies it (or star
 out a connection to the copy, then checkpoints it and renames it over the original
 (`saelab.files.replacing`), so a reader holding the old file keeps a complete store and the next
 read sees the new one. `Connection` is the read-only side every store object builds on: it
-reconnects when a writer has published a new file.
+reconnects when a writer has published a new file. A reader of an older store sees the columns
+added since as NULL, so every read works on every schema version it accepts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import duckdb
 
 from saelab.errors import StoreError
 from saelab.files import replacing
-from saelab.store.schema import FORMAT, MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from saelab.store.schema import ADDED_COLUMNS, FORMAT, MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 WRITING_SUFFIX = ".writing"
 
@@ -48,23 +49,25 @@ def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     except duckdb.Error as e:
         raise StoreError(f"{path} is not a readable DuckDB database: {e}") from e
     try:
-        _check_format(con, path, read_only)
+        version = _check_format(con, path, read_only)
+        if read_only:
+            _add_missing_columns(con, version)
     except BaseException:
         con.close()
         raise
     return con
 
 
-def _check_format(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
+def _check_format(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> int:
     """Create the schema in an empty file opened to write; refuse foreign files and newer schemas;
-    migrate older schemas when writing (readers read them as they are)."""
+    migrate older schemas when writing (readers read them as they are). Returns the file's schema version."""
     tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     if not tables and not read_only:
         con.execute(SCHEMA)
         con.executemany(
             "INSERT INTO saelab_meta VALUES (?, ?)", [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))]
         )
-        return
+        return SCHEMA_VERSION
     if "saelab_meta" not in tables:
         raise StoreError(f"{path} is a DuckDB database but not a saelab feature store (tables: {sorted(tables)})")
     meta = dict(con.execute("SELECT key, value FROM saelab_meta").fetchall())
@@ -79,6 +82,24 @@ def _check_format(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -
         for v in range(version, SCHEMA_VERSION):
             con.execute(MIGRATIONS[v])
         con.execute("UPDATE saelab_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+    return version
+
+
+def _add_missing_columns(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Shadow each table of a schema-`version` store (attached as `store`) that later versions added
+    columns to with a temporary view that adds them as NULL: readers do not migrate, yet query the
+    current columns."""
+    added: dict[str, dict[str, str]] = {}
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        for table, cols in ADDED_COLUMNS.get(v, {}).items():
+            added.setdefault(table, {}).update(cols)
+    if not added:
+        return
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    for table, cols in added.items():
+        if table in tables:  # tables added since are absent, and readers check for those
+            nulls = ", ".join(f"NULL::{typ} AS {name}" for name, typ in cols.items())
+            con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {nulls} FROM store.main.{table}")
 
 
 def _file_id(path: Path) -> tuple[int, int]:

@@ -25,7 +25,10 @@ from saelab.store.schema import SORT_KEYS, TABLES
 SUMMARY = ", ".join(columns(FeatureSummary))
 
 
-def _edges(max_act: float, n: int) -> list[float]:
+def _edges(max_act: float | None, n: int) -> list[float]:
+    """Edges of `n` equal-width bins over (0, max_act] (none for a feature that never fired)."""
+    if max_act is None or n == 0:
+        return []
     return [max_act * i / n for i in range(n + 1)]
 
 
@@ -72,10 +75,14 @@ class Reads(Connection):
         min_density: float | None = None,
         max_density: float | None = None,
         offset: int = 0,
-        limit: int = 50,
+        limit: int | None = 50,
         diff_class: str | None = None,
+        fired: bool | None = None,
+        min_neg_frac: float | None = None,
     ) -> FeaturePage:
-        """A page of features filtered by firing density (and, for crosscoders, diffing class), sorted by `sort`."""
+        """A page of features sorted by `sort` (all of them with `limit=None`), filtered by firing density,
+        by whether they fired at all (`fired`), by their share of negative firings (signed SAEs) and, for
+        crosscoders, by diffing class."""
         self.sae(sae_id)
         if sort not in SORT_KEYS:
             raise StoreError(f"cannot sort by {sort!r}; choose one of {SORT_KEYS}")
@@ -85,20 +92,34 @@ class Reads(Connection):
                 return FeaturePage(0, [])
             where.append("feature IN (SELECT feature FROM diffing WHERE sae_id = ? AND diff_class = ?)")
             params += [sae_id, diff_class]
-        if min_density is not None:
-            where.append("density >= ?")
-            params.append(min_density)
-        if max_density is not None:
-            where.append("density <= ?")
-            params.append(max_density)
+        for cond, value in (
+            ("density >= ?", min_density),
+            ("density <= ?", max_density),
+            ("neg_frac >= ?", min_neg_frac),
+        ):
+            if value is not None:
+                where.append(cond)
+                params.append(value)
+        if fired is not None:
+            where.append("n_fires > 0" if fired else "n_fires = 0")
         cond = " AND ".join(where)
         total = self._rows(f"SELECT count(*) FROM features WHERE {cond}", params)[0][0]
         order = f"{sort} {'DESC' if descending else 'ASC'} NULLS LAST, feature"
         rows = self._dicts(
             f"SELECT {SUMMARY} FROM features WHERE {cond} ORDER BY {order} LIMIT ? OFFSET ?",
-            [*params, int(limit), int(offset)],
+            [*params, total if limit is None else int(limit), int(offset)],
         )
         return FeaturePage(total, [FeatureSummary(**r) for r in rows])
+
+    def summaries(self, sae_id: str, features: list[int]) -> list[FeatureSummary]:
+        """The feature-list rows of `features`, in the order given (ids the SAE lacks are skipped)."""
+        self.sae(sae_id)
+        rows = self._dicts(
+            f"SELECT {SUMMARY} FROM features WHERE sae_id = ? AND feature IN (SELECT unnest(?))",
+            [sae_id, [int(f) for f in features]],
+        )
+        by_id = {r["feature"]: FeatureSummary(**r) for r in rows}
+        return [by_id[f] for f in features if f in by_id]
 
     def fired_features(self, sae_id: str) -> list[int]:
         """Ids of the features that fired at least once in the analysis, ascending."""
@@ -145,8 +166,8 @@ class Reads(Connection):
             " WHERE sae_id = ? AND feature = ? ORDER BY kind DESC, band, rank",
             [sae_id, feature],
         ):
-            ids, start = r.pop("token_ids"), r.pop("start")
-            tokens = [vocab[i] if i < len(vocab) else f"<{i}>" for i in ids]
+            start = r.pop("start")
+            tokens = [vocab[i] if i < len(vocab) else f"<{i}>" for i in r["token_ids"]]
             ex = Example(**r, tokens=tokens, index=r["pos"] - start)
             (top if ex.kind == "top" else banded.setdefault(ex.band, [])).append(ex)
         return top, banded
@@ -158,6 +179,15 @@ class Reads(Connection):
             f"SELECT {', '.join(DIFFING_COLUMNS)} FROM diffing WHERE sae_id = ? AND feature = ?", [sae_id, feature]
         )
         return rows[0] if rows else {}
+
+    def promoted_tokens(self, sae_id: str, features: list[int], n: int = 3) -> dict[int, list[str]]:
+        """The `n` tokens each of `features` most promotes, by feature (for the feature list)."""
+        self.sae(sae_id)
+        rows = self._rows(
+            "SELECT feature, pos_tokens[1:?] FROM features WHERE sae_id = ? AND feature IN (SELECT unnest(?))",
+            [int(n), sae_id, [int(f) for f in features]],
+        )
+        return {f: list(t or []) for f, t in rows}
 
     def neighbours(self, sae_id: str, feature: int) -> list[tuple[int, float]]:
         """Nearest features by decoder cosine similarity, closest first."""
@@ -182,30 +212,50 @@ class Reads(Connection):
         )
 
     def search(self, sae_id: str, text: str, limit: int = 50) -> list[FeatureSummary]:
-        """Features whose label, top-example tokens or promoted tokens contain `text` (case-insensitive).
+        """Features whose label, top-example tokens or promoted tokens contain `text` (case-insensitive):
+        label hits first, then by the number of top examples peaking on a matching token, then by max_act.
 
         `text` is matched literally: SQL wildcards in it are escaped, and it is always a bound parameter.
         """
-        self.sae(sae_id)
+        info = self.sae(sae_id)
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        limit = int(limit)
+        if self.has_vocab(info.model):
+            # Every example's max_token and every promoted token is one of the model's token texts:
+            # match the pattern once against those, then find examples by equality and promoted tokens
+            # by id, rather than matching the text of each of them. Unlabelled features found only
+            # through their promoted tokens rank after every feature with a matching top example, so
+            # when there are `limit` of those only labelled features' promoted tokens need a look.
+            matched = (
+                "matched AS MATERIALIZED"
+                " (SELECT token_id, token FROM vocab WHERE model = ? AND token ILIKE ? ESCAPE '\\'),"
+            )
+            on_example = "max_token IN (SELECT token FROM matched)"
+            promoted = """f.feature IN (
+                SELECT feature FROM (
+                    SELECT feature, unnest(pos_token_ids) AS id FROM features
+                    WHERE sae_id = ? AND (label IS NOT NULL OR (SELECT count(*) FROM hits) < ?)
+                ) WHERE id IN (SELECT token_id FROM matched)
+            )"""
+            params = [info.model, pattern, sae_id, sae_id, pattern, sae_id, limit, pattern, limit]
+        else:
+            matched, on_example = "", "max_token ILIKE ? ESCAPE '\\'"
+            promoted = "EXISTS (SELECT 1 FROM unnest(f.pos_tokens) AS u(t) WHERE t ILIKE ? ESCAPE '\\')"
+            params = [sae_id, pattern, sae_id, pattern, pattern, pattern, limit]
         rows = self._dicts(
             f"""
-            WITH hits AS (
+            WITH {matched} hits AS MATERIALIZED (
                 SELECT feature, count(*) AS n FROM examples
-                WHERE sae_id = ? AND kind = 'top' AND max_token ILIKE ? ESCAPE '\\'
+                WHERE sae_id = ? AND kind = 'top' AND {on_example}
                 GROUP BY feature
             )
             SELECT {", ".join(columns(FeatureSummary, prefix="f."))}
             FROM features f LEFT JOIN hits h ON h.feature = f.feature
-            WHERE f.sae_id = ? AND (
-                h.n IS NOT NULL
-                OR f.label ILIKE ? ESCAPE '\\'
-                OR EXISTS (SELECT 1 FROM unnest(f.pos_tokens) AS u(t) WHERE t ILIKE ? ESCAPE '\\')
-            )
-            ORDER BY (f.label ILIKE ? ESCAPE '\\') DESC NULLS LAST, coalesce(h.n, 0) DESC, f.max_act DESC
+            WHERE f.sae_id = ? AND (h.n IS NOT NULL OR f.label ILIKE ? ESCAPE '\\' OR {promoted})
+            ORDER BY (f.label ILIKE ? ESCAPE '\\') DESC NULLS LAST, coalesce(h.n, 0) DESC, f.max_act DESC, f.feature
             LIMIT ?
             """,
-            [sae_id, pattern, sae_id, pattern, pattern, pattern, int(limit)],
+            params,
         )
         return [FeatureSummary(**r) for r in rows]
 
@@ -238,6 +288,19 @@ class Reads(Connection):
             f"SELECT feature, {', '.join(DIFFING_COLUMNS)} FROM diffing WHERE sae_id = ? ORDER BY feature",
             [sae_id],
         )
+
+    def leaning(self, sae_id: str, top: int = 5) -> dict[str, Any]:
+        """The `top` fired latents of a two-source crosscoder leaning most to each source, as DataFrames of
+        `diffing` rows: 'A' from the lowest relative norm up, 'B' from the highest down.
+
+        Only latents that fired in the analysis are listed (by n_fires, not by a finite nu: stores
+        analysed before schema v4 have no Latent Scaling ratios).
+        """
+        df = self.diffing(sae_id)
+        if "rel_norm" not in df or df["rel_norm"].isna().all():
+            raise StoreError(f"{sae_id!r} has no diffing metrics: analyse a two-source crosscoder to get them")
+        fired = df[df["feature"].isin(self.fired_features(sae_id))]
+        return {name: fired.sort_values("rel_norm", ascending=name == "A").head(top) for name in ("A", "B")}
 
     def diffing_counts(self, sae_id: str, nu_below: float | None = None) -> dict[str, int]:
         """How many latents of a two-source crosscoder fall in each diffing class.

@@ -66,6 +66,9 @@ class FeatureSummary:
     density: float
     mean_act: float
     max_act: float
+    ctx_max_act: float | None
+    """Largest |activation| on tokens with at least the analysis's `min_context` tokens before them
+    (None if it never fired on one, or the SAE was analysed by a saelab older than store schema v5)."""
     neg_frac: float
     q50: float
     q90: float
@@ -92,6 +95,8 @@ class Example:
     act: float
     seq: int
     pos: int
+    token_ids: list[int]
+    """The window's token ids."""
     tokens: list[str] = field(metadata={"derived": "token_ids"})
     """The window's tokens as text (from `token_ids` through the model's vocabulary)."""
     acts: list[float]
@@ -107,7 +112,7 @@ class Example:
         return text.replace("\n", "\u21b5")
 
 
-EXAMPLE_COLUMNS = (*columns(Example), "start", "token_ids")
+EXAMPLE_COLUMNS = (*columns(Example), "start")
 """Columns an `Example` is built from."""
 
 

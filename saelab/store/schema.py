@@ -7,7 +7,7 @@ returns, and docs/store.md documents both for users.
 from __future__ import annotations
 
 FORMAT = "saelab-feature-store"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE saelab_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -127,15 +127,28 @@ DIFFING_SCALING = """
 ALTER TABLE diffing ADD COLUMN nu_error DOUBLE;
 ALTER TABLE diffing ADD COLUMN nu_recon DOUBLE;
 """
-SCHEMA += STEERING_TABLE + DIFFING_TABLE + DIFFING_SCALING
+CONTEXT_MAX = """
+-- Schema v5: the largest |activation| among a feature's firings on tokens with at least the analysis's
+-- min_context tokens before them in their sequence (NULL if none, and for SAEs analysed before v5):
+-- the strongest firing with context, which max_act is not for features that fire hardest on a sequence's first tokens.
+ALTER TABLE features ADD COLUMN ctx_max_act DOUBLE;
+"""
+SCHEMA += STEERING_TABLE + DIFFING_TABLE + DIFFING_SCALING + CONTEXT_MAX
 
-MIGRATIONS = {1: STEERING_TABLE, 2: DIFFING_TABLE, 3: DIFFING_SCALING}
+MIGRATIONS = {1: STEERING_TABLE, 2: DIFFING_TABLE, 3: DIFFING_SCALING, 4: CONTEXT_MAX}
 """SQL that takes a store from schema version v to v + 1 (applied by writers, in a copy)."""
+
+ADDED_COLUMNS = {
+    4: {"diffing": {"nu_error": "DOUBLE", "nu_recon": "DOUBLE"}},
+    5: {"features": {"ctx_max_act": "DOUBLE"}},
+}
+"""Columns that schema version v added to existing tables (table -> column -> type). A reader of an
+older store sees them as NULL (`saelab.store.connection`), since readers do not migrate."""
 
 TABLES = ("saes", "train_metrics", "features", "examples", "vocab", "steering", "diffing")
 PER_SAE_TABLES = ("saes", "train_metrics", "features", "examples", "diffing")
 
-SORT_KEYS = ("feature", "n_fires", "density", "mean_act", "max_act", "neg_frac", "q50", "q90", "q99")
+SORT_KEYS = ("feature", "n_fires", "density", "mean_act", "max_act", "ctx_max_act", "neg_frac", "q50", "q90", "q99")
 """Columns the feature list can be sorted by (a whitelist: ORDER BY cannot take a parameter)."""
 
 JSON_COLUMNS = ("cfg", "eval", "params", "timings")

@@ -58,6 +58,14 @@ class Writes(Reads):
         finally:
             self._con.unregister("_incoming")
 
+    def put_vocab(self, model: str, data: pa.Table) -> None:
+        """Store `model`'s token texts (columns model, token_id, token), replacing any stored before, so
+        every SAE of the model reads its examples' tokens as the latest analysis wrote them."""
+        self._require_writable()
+        self._con.execute("DELETE FROM vocab WHERE model = ?", [model])
+        self.append("vocab", data)
+        self._vocab.pop(model, None)
+
     def set_label(self, sae_id: str, feature: int, label: str | None) -> None:
         """Attach a human-readable label to a feature (searched by `search`)."""
         self._require_writable()
