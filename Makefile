@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (train, evaluate and analyse on the offline default) and `make test`.
+# Two entry points: `make demo` (train, evaluate and analyse on the offline default, then serve the app)
+# and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 # A CPU build of torch sits on local disk; an unpinned torch would pull a multi-GB CUDA build.
@@ -22,10 +23,12 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 STORE ?= runs/features.duckdb
+PORT ?= 8501
 
 demo: install
 	$(VENV)/bin/saelab train --config data/configs/topk.toml
 	$(VENV)/bin/saelab analyze runs/topk --tokens 100000 --store $(STORE)
+	$(VENV)/bin/saelab app --store $(STORE) --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q

@@ -1,5 +1,6 @@
 """Command line: `saelab train --config FILE [--key value ...]`, `saelab eval RUN_DIR [--json]`,
-`saelab analyze RUN_DIR --tokens N [--store PATH]`, `saelab diff SAE_ID`, `saelab finetune --out DIR`.
+`saelab analyze RUN_DIR --tokens N [--store PATH]`, `saelab diff SAE_ID`, `saelab finetune --out DIR`,
+`saelab app [--store PATH] [--host H] [--port P]`.
 
 Errors saelab raises on purpose (`saelab.errors.SaelabError`: bad input, broken files) print one
 line and exit with status 2; `--debug` shows their traceback too. Anything else is a bug and keeps
@@ -12,14 +13,15 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
+import socket
 import sys
 from collections.abc import Sequence
-from typing import get_type_hints
+from typing import NoReturn, get_type_hints
 
+from saelab.app import DEFAULT_STORE, MAIN, STORE_ENV
 from saelab.config import AnalysisConfig, TrainConfig, apply_overrides, field_docs, load_config
-from saelab.errors import SaelabError
-
-DEFAULT_STORE = "runs/features.duckdb"
+from saelab.errors import SaelabError, SetupError
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
@@ -102,6 +104,23 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> NoReturn:
+    store = os.path.abspath(args.store)
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as e:
+            raise SetupError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
+    if not os.path.exists(store):
+        print(f"saelab app: no feature store at {store} yet; the app says how to build one", file=sys.stderr)
+    print(f"saelab app: serving {store} at http://{args.host}:{args.port}", flush=True)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(MAIN), "--server.address", args.host]
+    cmd += ["--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    cmd += ["--client.toolbarMode", "minimal"]
+    # Become the server (no child process), so stopping `saelab app` stops the server too.
+    os.execve(sys.executable, cmd, os.environ | {STORE_ENV: store})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `saelab` argument parser."""
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and browse sparse autoencoders.")
@@ -161,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--top", type=int, default=5, help="latents to show per source")
     df.add_argument("--examples", type=int, default=3, help="top examples to show per latent")
     df.add_argument("--nu_below", type=float, default=0.3, help="Latent Scaling cut for confirmed latents")
+    ap = add(
+        "app",
+        help="browse a feature store in the web app",
+        description="Serve the Streamlit app on a feature store (bound to localhost unless --host says otherwise).",
+    )
+    ap.add_argument("--store", default=DEFAULT_STORE, help=f"feature store file (default: {DEFAULT_STORE})")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    ap.add_argument("--port", type=int, default=8501, help="port (default: 8501)")
     return parser
 
 
@@ -179,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args, {k: v for k, v in vars(args).items() if k not in skip})
         if args.command == "diff":
             return _cmd_diff(args)
+        if args.command == "app":
+            return _cmd_app(args)
         return _cmd_eval(args)
     except SaelabError as e:
         if args.debug:

@@ -73,3 +73,36 @@ def tiny_model(tiny_model_dir: Path):
     from saelab.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def app_store(tiny_model, tiny_model_dir, corpus_dir, tmp_path_factory) -> Path:
+    """A store holding 'sae' (trained topk, with curves and eval), 'cc' (a crosscoder over two layers of
+    a mixture of two corpora) and 'signed' (a random abstopk SAE, never trained)."""
+    from test_analysis import tiny_data, tiny_run
+    from test_cli import tiny_args
+
+    from saelab import SAE
+    from saelab.analysis import analyze
+    from saelab.cli import main
+    from saelab.config import AnalysisConfig
+
+    tmp = tmp_path_factory.mktemp("app")
+    store = tmp / "features.duckdb"
+    sae, cc = tmp / "sae", tmp / "cc"
+    assert main(["train", *tiny_args(tiny_model_dir, corpus_dir, sae)]) == 0
+    (tmp / "other.txt").write_text(" ".join(f"w{i % 97} {i}" for i in range(3_000)))
+    mix = f"{corpus_dir}+{tmp / 'other.txt'}"
+    args = [*tiny_args(tiny_model_dir, corpus_dir, cc), "--sae.sparsifier", "batchtopk", "--data.dataset", mix]
+    assert main(["train", *args, "--data.cross_sources", "blocks.0.hook_resid_post"]) == 0
+    cfg = AnalysisConfig(n_tokens=512, model_batch_size=8, n_top=4, per_band=2, context_before=6, min_context=2)
+    for run in (sae, cc):
+        analyze(run, store, cfg)
+    signed = tiny_run(tmp, "abstopk")
+    sae = SAE.load(signed)
+    with torch.no_grad():  # feature 0's pre-activation is always 0: it never wins the top-k by |pre|
+        sae.W_enc[:, 0] = 0
+        sae.b_enc[0] = 0
+    sae.save(signed)
+    analyze(signed, store, cfg, sae_id="signed", model=tiny_model, data=tiny_data(tiny_model_dir, corpus_dir))
+    return store

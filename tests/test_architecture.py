@@ -4,6 +4,7 @@ the feature store and `import saelab` leave torch out."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from fnmatch import fnmatch
@@ -13,19 +14,35 @@ ROOT = Path(__file__).parents[1]
 
 LAYERS = [
     # bottom: no torch, so the store and the app's browsing pages start fast
-    ["saelab", "saelab.errors", "saelab.files", "saelab.config", "saelab.results", "saelab.store", "saelab.store.*"],
+    [
+        "saelab",
+        "saelab.errors",
+        "saelab.files",
+        "saelab.config",
+        "saelab.results",
+        "saelab.store",
+        "saelab.store.*",
+        "saelab.app",
+    ],
     ["saelab.ops", "saelab.kernels", "saelab.kernels.*", "saelab.sparsifiers", "saelab.losses"],
     ["saelab.sae"],
     ["saelab.models", "saelab.corpus", "saelab.activations", "saelab.rundir", "saelab.nexttoken"],
     ["saelab.evals", "saelab.trainer", "saelab.analysis*", "saelab.steering", "saelab.diffing", "saelab.finetune"],
-    ["saelab.cli", "saelab.__main__"],
+    ["saelab.cli", "saelab.__main__", "saelab.app.*"],
 ]
+
+APP_READS = ("saelab.app", "saelab.store", "saelab.errors", "saelab.config")
+"""What the app's browsing pages may import from saelab: the store and the foundations, never torch."""
 
 
 def modules() -> dict[str, Path]:
-    """Every module of the installed package by dotted name (`kernels/` is `saelab.kernels`)."""
+    """Every module of the installed package by dotted name (`kernels/` is `saelab.kernels`, `app/` `saelab.app`)."""
     found = {}
-    for base, prefix in ((ROOT / "saelab", "saelab"), (ROOT / "kernels", "saelab.kernels")):
+    for base, prefix in (
+        (ROOT / "saelab", "saelab"),
+        (ROOT / "kernels", "saelab.kernels"),
+        (ROOT / "app", "saelab.app"),
+    ):
         for path in base.rglob("*.py"):
             parts = [prefix, *path.relative_to(base).with_suffix("").parts]
             if parts[-1] == "__init__":
@@ -106,12 +123,27 @@ def test_layers_import_only_their_own_layer_or_below() -> None:
     assert not upward, f"imports from a higher layer: {upward}"
 
 
+def test_app_pages_hold_no_sql_and_read_only_the_store() -> None:
+    g = graph()
+    for name, path in modules().items():
+        if not name.startswith("saelab.app"):
+            continue
+        outside = sorted(t for t in g[name] if not any(t == a or t.startswith(a + ".") for a in APP_READS))
+        assert not outside, f"{name} imports {outside}; browsing pages read saelab.store only"
+        source = path.read_text()
+        third = {n.names[0].name.split(".")[0] if isinstance(n, ast.Import) else (n.module or "").split(".")[0]
+                 for n in _runtime_nodes(ast.parse(source))}  # fmt: skip
+        assert "torch" not in third and "duckdb" not in third, f"{name} imports torch or duckdb"
+        assert not re.search(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE)\s", source), f"{name} holds SQL"
+
+
 def test_store_and_package_import_without_torch(tmp_path) -> None:
     probe = f"""
 import sys
 import saelab
 import saelab.config, saelab.errors, saelab.files, saelab.results
 from saelab.store import FeatureStore
+import saelab.app.render, saelab.app.common
 with FeatureStore.writer({str(tmp_path / "s.duckdb")!r}) as w:
     w.put_sae({{"sae_id": "a", "d_sae": 4, "model": "m"}})
 with FeatureStore({str(tmp_path / "s.duckdb")!r}) as store:

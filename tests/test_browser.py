@@ -1,0 +1,146 @@
+"""End to end: `saelab app` on a free localhost port, read by Debian's headless chromium through Playwright.
+
+Opens the overview, the feature list, a dashboard by URL and the diffing page, checks what they
+show, hovers a token and reads its activation, and saves a screenshot of each page (to
+`$SAELAB_E2E_SHOTS`, else the test's temp dir). `$SAELAB_E2E_STORE` points it at another store (the
+README's screenshots come from the demo store). Without chromium it skips, except under CI, where
+it fails: `.ci/run` installs the browser.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from saelab.store import FeatureStore
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]  # fmt: skip
+
+
+def _browser_or_skip() -> None:
+    missing = [
+        what for what, ok in (("chromium", Path(CHROMIUM).exists()), ("playwright", _has_playwright())) if not ok
+    ]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test, but {' and '.join(missing)} is missing (see .ci/run)")
+        pytest.skip(f"{' and '.join(missing)} not installed")
+
+
+def _has_playwright() -> bool:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(request, tmp_path):
+    """(base URL, store path) of `saelab app` serving the store under test, stopped afterwards."""
+    store = Path(os.environ.get("SAELAB_E2E_STORE") or request.getfixturevalue("app_store"))
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab", "app", "--store", str(store), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"saelab app did not come up: {(tmp_path / 'app.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield base, store
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _finished(page) -> str:
+    """Wait until Streamlit's script run is over and the page holds no skeletons; return its main text."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000)
+    page.wait_for_function("!document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=60_000)
+    page.wait_for_timeout(300)
+    return page.inner_text('[data-testid="stMain"]')
+
+
+def test_the_app_in_a_real_browser(served, tmp_path) -> None:
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    base, store = served
+    shots = Path(os.environ.get("SAELAB_E2E_SHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    with FeatureStore(store) as fs:
+        ids = fs.sae_ids()
+        sae = next((s for s in ids if not fs.diffing_counts(s)), ids[0])
+        crosscoder = next((s for s in ids if fs.diffing_counts(s)), None)
+        top = fs.feature_list(sae, "max_act", limit=1).rows[0]
+        dash = fs.dashboard(sae, top.feature)
+    timings = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+
+        page.goto(f"{base}/?sae={sae}")
+        text = _finished(page)
+        assert "Feature store" in text and sae in text and "Training curves" in text
+        page.screenshot(path=shots / "overview.png", full_page=True)
+
+        page.goto(f"{base}/features?sae={sae}&sort=density")
+        text = _finished(page)
+        assert f"Features of {sae}" in text and "features match" in text
+        page.screenshot(path=shots / "features.png", full_page=True)
+
+        t0 = time.perf_counter()
+        page.goto(f"{base}/feature?sae={sae}&id={top.feature}")
+        text = _finished(page)
+        timings["dashboard"] = time.perf_counter() - t0
+        assert f"feature #{top.feature}" in text and f"{top.max_act:.4g}" in text
+        peak = page.locator(".sl-tok.peak").first
+        peak.hover()
+        tip = peak.get_attribute("data-tip")
+        shown = page.evaluate("e => getComputedStyle(e, '::after').content", peak.element_handle())
+        ex = dash.top_examples[0]
+        assert tip is not None and f"act {ex.act:.3f}" in tip and f"id {ex.token_ids[ex.index]}" in tip
+        assert f"act {ex.act:.3f}" in shown  # the hover box the reader sees
+        page.screenshot(path=shots / "dashboard.png", full_page=True)
+
+        page.goto(f"{base}/feature?sae={sae}&id=-5")
+        assert "out of range" in _finished(page)
+
+        page.goto(f"{base}/diffing?sae={crosscoder or sae}")
+        text = _finished(page)
+        if crosscoder:
+            assert "Model diffing" in text and "Latent Scaling" in text and "Leaning most to B" in text
+            page.screenshot(path=shots / "diffing.png", full_page=True)
+        else:
+            assert "not a two-source crosscoder" in text
+        browser.close()
+    print(f"navigation to a painted dashboard: {timings['dashboard']:.2f} s")
