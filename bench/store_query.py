@@ -48,7 +48,28 @@ def build(path: Path, n_features: int, n_examples: int, context: int, seed: int 
     vocab = np.array([f"tok{i}" for i in range(VOCAB)], dtype=object)
     t0 = time.perf_counter()
     with FeatureStore.writer(path) as w:
-        w.put_sae({"sae_id": SAE_ID, "model": MODEL, "d_sae": n_features, "d_in": 2304, "sparsifier": "topk"})
+        edges = np.linspace(-8, 0, 41)
+        w.put_sae(
+            {
+                "sae_id": SAE_ID,
+                "run_dir": "",
+                "model": MODEL,
+                "hook_name": "blocks.12.hook_resid_post",
+                "sparsifier": "topk",
+                "d_in": 2304,
+                "d_sae": n_features,
+                "k": 64,
+                "n_tokens": 10_000_000,
+                "n_outliers": 0,
+                "n_dead": 0,
+                "context_size": 1024,
+                "cfg": {},
+                "params": {},
+                "timings": {},
+                "density_edges": edges.tolist(),
+                "density_counts": np.histogram(rng.uniform(-5, -1, n_features), edges)[0].tolist(),
+            }
+        )
         tab = {"model": [MODEL] * VOCAB, "token_id": np.arange(VOCAB, dtype=np.int32), "token": vocab}
         w.append("vocab", pa.table(tab))
         for lo in tqdm(range(0, n_features, block), desc="build synthetic store", unit="block"):
@@ -90,6 +111,7 @@ def build(path: Path, n_features: int, n_examples: int, context: int, seed: int 
                 "pos": np.full(m, context - 8, dtype=np.int32),
                 "start": np.zeros(m, dtype=np.int32),
                 "max_token": vocab[tokens[context - 8 :: context]],
+                "max_token_id": tokens[context - 8 :: context],
                 "token_ids": _lists(tokens, context),
                 "acts": _lists(rng.exponential(1.0, m * context).astype(np.float32), context),
             }

@@ -162,11 +162,14 @@ def test_foreign_corrupt_missing_and_newer_files(tmp_path, store_path) -> None:
 
 
 def test_older_store_is_read_as_is_and_upgraded_by_writers(store_path) -> None:
-    # A v1 store is today's store without the steering (v2) and diffing (v3, v4) tables and ctx_max_act (v5).
+    # A v1 store is today's store without the steering (v2) and diffing (v3, v4) tables, ctx_max_act and
+    # max_token_id (v5).
     con = duckdb.connect(str(store_path))
+    expected = con.execute("SELECT max_token_id FROM examples ORDER BY ALL").fetchall()
     con.execute("DROP TABLE steering")
     con.execute("DROP TABLE diffing")
     con.execute("ALTER TABLE features DROP COLUMN ctx_max_act")
+    con.execute("ALTER TABLE examples DROP COLUMN max_token_id")
     con.execute("UPDATE saelab_meta SET value = '1' WHERE key = 'schema_version'")
     con.close()
     with FeatureStore(store_path) as old:
@@ -180,15 +183,19 @@ def test_older_store_is_read_as_is_and_upgraded_by_writers(store_path) -> None:
         assert new.query("SELECT value FROM saelab_meta WHERE key = 'schema_version'")["value"][0] == "5"
         assert {"nu_error", "nu_recon"} <= set(new.query("SELECT * FROM diffing").columns)
         assert new.query("SELECT count(ctx_max_act) AS n FROM features")["n"][0] == 0  # analysed before v5
+        got = new.query("SELECT max_token_id FROM examples ORDER BY ALL")["max_token_id"].tolist()
+        assert got == [r[0] for r in expected]  # the migration recovers each example's token id
         assert new.steering_experiments("run-topk") == []
         assert new.dashboard("run-topk", 1).summary.label == "upgraded"
 
 
 @pytest.mark.parametrize("version", [3, 4])
 def test_reads_of_older_stores_see_added_columns_as_null(store_path, version) -> None:
-    # A v4 store lacks features.ctx_max_act (v5); a v3 store also diffing's nu_error and nu_recon (v4).
+    # A v4 store lacks features.ctx_max_act and examples.max_token_id (v5); a v3 store also diffing's
+    # nu_error and nu_recon (v4).
     con = duckdb.connect(str(store_path))
     con.execute("ALTER TABLE features DROP COLUMN ctx_max_act")
+    con.execute("ALTER TABLE examples DROP COLUMN max_token_id")
     if version == 3:
         con.execute("ALTER TABLE diffing DROP COLUMN nu_error")
         con.execute("ALTER TABLE diffing DROP COLUMN nu_recon")

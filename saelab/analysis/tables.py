@@ -63,6 +63,7 @@ def examples_table(sae_id: str, ex: dict[str, np.ndarray], vocab: list[str]) -> 
             "pos": pa.array(ex["pos"]),
             "start": pa.array(ex["start"]),
             "max_token": pa.array([vocab[t] for t in ex["max_token_id"].tolist()], pa.string()),
+            "max_token_id": pa.array(ex["max_token_id"], pa.int32()),
             "token_ids": list_column(ex["token_ids"], ex["lengths"]),
             "acts": list_column(ex["acts"], ex["lengths"]),
         }

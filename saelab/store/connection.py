@@ -22,7 +22,7 @@ import duckdb
 
 from saelab.errors import StoreError
 from saelab.files import replacing
-from saelab.store.schema import ADDED_COLUMNS, FORMAT, MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from saelab.store.schema import ADDED_COLUMNS, DERIVED_COLUMNS, FORMAT, MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 WRITING_SUFFIX = ".writing"
 
@@ -98,7 +98,7 @@ def _add_missing_columns(con: duckdb.DuckDBPyConnection, version: int) -> None:
     tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     for table, cols in added.items():
         if table in tables:  # tables added since are absent, and readers check for those
-            nulls = ", ".join(f"NULL::{typ} AS {name}" for name, typ in cols.items())
+            nulls = ", ".join(f"{DERIVED_COLUMNS.get(name, 'NULL')}::{typ} AS {name}" for name, typ in cols.items())
             con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {nulls} FROM store.main.{table}")
 
 

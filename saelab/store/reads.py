@@ -221,16 +221,16 @@ class Reads(Connection):
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         limit = int(limit)
         if self.has_vocab(info.model):
-            # Every example's max_token and every promoted token is one of the model's token texts:
-            # match the pattern once against those, then find examples by equality and promoted tokens
-            # by id, rather than matching the text of each of them. Unlabelled features found only
+            # Every example's token and every promoted token is one of the model's tokens: match the
+            # pattern once against their texts, then find examples and promoted tokens by token id,
+            # rather than matching (or even decompressing) the text of each of them. Unlabelled features found only
             # through their promoted tokens rank after every feature with a matching top example, so
             # when there are `limit` of those only labelled features' promoted tokens need a look.
             matched = (
                 "matched AS MATERIALIZED"
                 " (SELECT token_id, token FROM vocab WHERE model = ? AND token ILIKE ? ESCAPE '\\'),"
             )
-            on_example = "max_token IN (SELECT token FROM matched)"
+            on_example = "max_token_id IN (SELECT token_id FROM matched)"
             promoted = """f.feature IN (
                 SELECT feature FROM (
                     SELECT feature, unnest(pos_token_ids) AS id FROM features

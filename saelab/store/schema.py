@@ -132,6 +132,9 @@ CONTEXT_MAX = """
 -- min_context tokens before them in their sequence (NULL if none, and for SAEs analysed before v5):
 -- the strongest firing with context, which max_act is not for features that fire hardest on a sequence's first tokens.
 ALTER TABLE features ADD COLUMN ctx_max_act DOUBLE;
+-- ... and each example's token id, so text search matches ids instead of scanning every token text.
+ALTER TABLE examples ADD COLUMN max_token_id INTEGER;
+UPDATE examples SET max_token_id = token_ids[pos - start + 1];
 """
 SCHEMA += STEERING_TABLE + DIFFING_TABLE + DIFFING_SCALING + CONTEXT_MAX
 
@@ -140,10 +143,14 @@ MIGRATIONS = {1: STEERING_TABLE, 2: DIFFING_TABLE, 3: DIFFING_SCALING, 4: CONTEX
 
 ADDED_COLUMNS = {
     4: {"diffing": {"nu_error": "DOUBLE", "nu_recon": "DOUBLE"}},
-    5: {"features": {"ctx_max_act": "DOUBLE"}},
+    5: {"features": {"ctx_max_act": "DOUBLE"}, "examples": {"max_token_id": "INTEGER"}},
 }
 """Columns that schema version v added to existing tables (table -> column -> type). A reader of an
-older store sees them as NULL (`saelab.store.connection`), since readers do not migrate."""
+older store sees them as NULL (`saelab.store.connection`), since readers do not migrate, or as
+their `DERIVED_COLUMNS` expression where the old rows determine them."""
+
+DERIVED_COLUMNS = {"max_token_id": "token_ids[pos - start + 1]"}
+"""Added columns that older rows already determine: how a reader (and the migration) computes them."""
 
 TABLES = ("saes", "train_metrics", "features", "examples", "vocab", "steering", "diffing")
 PER_SAE_TABLES = ("saes", "train_metrics", "features", "examples", "diffing")
