@@ -142,12 +142,13 @@ def density_histogram(infos: Mapping[str, tuple[Sequence[float], Sequence[int]]]
 
 
 def training_curves(metrics: Mapping[str, tuple[Sequence[int], Sequence[float]]], names: Sequence[str]) -> go.Figure:
-    """Training curves of the chosen metrics against the step, one panel each (log y where all positive)."""
+    """Training curves of the chosen metrics against the step, one panel each (log y where one spans a decade)."""
     fig = make_subplots(rows=max(len(names), 1), cols=1, shared_xaxes=True, subplot_titles=list(names))
     for row, name in enumerate(names, start=1):
         steps, values = metrics[name]
         fig.add_trace(go.Scatter(x=list(steps), y=list(values), name=name, mode="lines"), row=row, col=1)
-        fig.update_yaxes(type="log" if all(v > 0 for v in values) else "linear", row=row, col=1)
+        wide = min(values, default=0) > 0 and max(values) > 10 * min(values)  # spans a decade: log y
+        fig.update_yaxes(type="log" if wide else "linear", row=row, col=1)
     fig = _layout(fig, "", "", height=60 + 170 * max(len(names), 1))
     fig.update_layout(showlegend=False, xaxis_title=None)
     fig.update_xaxes(title_text="step", row=max(len(names), 1), col=1)

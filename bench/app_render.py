@@ -15,12 +15,15 @@ import argparse
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+os.environ.setdefault("STREAMLIT_LOGGER_LEVEL", "error")  # AppTest warns once per run otherwise
 
 import numpy as np
 from _common import ROOT, save_results
@@ -36,14 +39,15 @@ SEARCH_TARGET_MS = 50.0
 PAGES = {
     "overview": (None, {}),
     "features: first page": ("views/features.py", {}),
-    "features: page 200 sorted by max_act asc": (
+    "features: a middle page sorted by max_act asc": (
         "views/features.py",
-        {"sort": "max_act", "order": "asc", "page": "200"},
+        {"sort": "max_act", "order": "asc", "page": "MIDDLE_PAGE"},
     ),
     "features: text search": ("views/features.py", {"q": "tok123", "by": "text"}),
     "features: token search": ("views/features.py", {"q": "tok4567", "by": "token"}),
-    "feature dashboard": ("views/feature.py", {"id": "31337"}),
+    "feature dashboard": ("views/feature.py", {"id": "FEATURE"}),
 }
+"""Pages timed: (page script, URL parameters); FEATURE / MIDDLE_PAGE: a feature / list page in the middle."""
 
 
 def time_page(path: str | None, params: dict[str, str], n: int) -> list[float]:
@@ -91,7 +95,9 @@ def browser_dashboard(store: Path, n: int) -> list[float] | None:
         return None
     if chromium is None:
         return None
-    port = 8599
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "saelab", "app", "--store", str(store), "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -99,11 +105,14 @@ def browser_dashboard(store: Path, n: int) -> list[float] | None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + 180
+        while True:
             try:
                 urllib.request.urlopen(f"{base}/_stcore/health", timeout=1).close()
                 break
             except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("saelab app did not come up") from None
                 time.sleep(0.2)
         out = []
         with sync_playwright() as p:
@@ -139,7 +148,11 @@ def main() -> None:
             store.unlink(missing_ok=True)
             build(store, args.features, 20, 64)
         os.environ[STORE_ENV] = str(store)
-        rows = {name: time_page(path, params, args.runs) for name, (path, params) in PAGES.items()}
+        middle = {"FEATURE": str(args.features // 2 + 17), "MIDDLE_PAGE": str(args.features // 100)}
+        rows = {
+            name: time_page(path, {k: middle.get(v, v) for k, v in params.items()}, args.runs)
+            for name, (path, params) in PAGES.items()
+        }
         search = time_search(store, args.searches)
         painted = browser_dashboard(store, args.runs)
         if args.store and not args.keep:

@@ -275,8 +275,9 @@ def test_band_heading_and_figures() -> None:
     assert render.band_heading(1, [0, 1, 2, 3], [2, 6, 2]) == "Band 1: activation 1 to 2, 60.0% of firings (6)"
     fig = render.density_histogram({"a": ([-3, -2, -1], [1, 2]), "b": ([-3, -2, -1], [3, 4])})
     assert [t.name for t in fig.data] == ["a", "b"] and fig.layout.barmode == "overlay"
-    curves = render.training_curves({"fvu": ([1, 2], [0.5, 0.2]), "l0": ([1, 2], [0.0, 4.0])}, ["fvu", "l0"])
-    assert curves.layout.yaxis.type == "log" and curves.layout.yaxis2.type == "linear"
+    metrics = {"loss": ([1, 2], [200.0, 9.0]), "l0": ([1, 2], [0.0, 4.0]), "fvu": ([1, 2], [0.5, 0.2])}
+    curves = render.training_curves(metrics, ["loss", "l0", "fvu"])
+    assert [curves.layout[f"yaxis{i}"].type for i in ("", "2", "3")] == ["log", "linear", "linear"]
 
 
 def test_selected_scatter_points_name_their_features() -> None:
@@ -315,3 +316,21 @@ def test_scaling_scatter_frames_the_bulk_and_counts_the_rest() -> None:
     fig, hidden = render.scaling_scatter(df)
     assert hidden == 1 and fig.layout.yaxis.range[1] < 2
     assert sorted(int(f) for t in fig.data for f in t.customdata) == list(range(400))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"page": "9999"},
+        {"page": "x"},
+        {"by": "nonsense", "q": "a"},
+        {"density": "banana"},
+        {"order": "up"},
+        {"sort": "x; DROP"},
+    ],
+)
+def test_malformed_list_parameters_fall_back_without_a_traceback(store, params) -> None:
+    at = page(store, "views/features.py", sae="sae", **params)
+    assert not at.exception and not at.error and "features match" in texts(at)
+    if "sort" in params:
+        assert "Cannot sort by" in at.warning[0].value

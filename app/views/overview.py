@@ -41,7 +41,10 @@ table = pd.DataFrame([row(i) for i in infos.values()])
 st.dataframe(
     table.assign(link=[f"./features?sae={sid}" for sid in table["SAE"]]),
     hide_index=True,
-    column_config={"link": st.column_config.LinkColumn("features", display_text="browse")},
+    column_config={
+        "link": st.column_config.LinkColumn("features", display_text="browse", width="small"),
+        **{c: st.column_config.Column(width="small") for c in ("d_sae", "k", "dead", "dense", "L0")},
+    },
 )
 
 st.header(info.sae_id)
