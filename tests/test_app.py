@@ -334,3 +334,13 @@ def test_malformed_list_parameters_fall_back_without_a_traceback(store, params) 
     assert not at.exception and not at.error and "features match" in texts(at)
     if "sort" in params:
         assert "Cannot sort by" in at.warning[0].value
+
+
+def test_moving_between_pages_keeps_the_chosen_sae(store) -> None:
+    at = ok(page(store, "views/features.py", sae="signed"))
+    at.switch_page("views/feature.py")
+    at.query_params.clear()  # the sidebar's page links carry no parameters
+    at.run()
+    assert "signed · feature #0" in texts(ok(at)) and at.query_params["sae"] == "signed"
+    at.selectbox[0].select("cc").run()  # the sidebar's SAE box
+    assert "cc · feature #0" in texts(ok(at)) and at.query_params["sae"] == "cc"
