@@ -15,12 +15,8 @@ import argparse
 import os
 import platform
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("STREAMLIT_LOGGER_LEVEL", "error")  # AppTest warns once per run otherwise
@@ -30,7 +26,7 @@ from _common import ROOT, save_results
 from store_query import SAE_ID, VOCAB, build
 from streamlit.testing.v1 import AppTest
 
-from saelab.app import MAIN, STORE_ENV
+from saelab.app import MAIN, STORE_ENV, serving
 from saelab.store import FeatureStore
 
 PAGE_TARGET_S = 1.0
@@ -95,25 +91,7 @@ def browser_dashboard(store: Path, n: int) -> list[float] | None:
         return None
     if chromium is None:
         return None
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saelab", "app", "--store", str(store), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/_stcore/health", timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("saelab app did not come up") from None
-                time.sleep(0.2)
+    with serving(store) as base:
         out = []
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
@@ -128,9 +106,6 @@ def browser_dashboard(store: Path, n: int) -> list[float] | None:
                     out.append(time.perf_counter() - t0)
             browser.close()
         return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def main() -> None:

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from saelab.app import serving
 from saelab.store import FeatureStore
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -45,41 +42,12 @@ def _has_playwright() -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(request, tmp_path):
     """(base URL, store path) of `saelab app` serving the store under test, stopped afterwards."""
     store = Path(os.environ.get("SAELAB_E2E_STORE") or request.getfixturevalue("app_store"))
-    port = _free_port()
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saelab", "app", "--store", str(store), "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"saelab app did not come up: {(tmp_path / 'app.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+    with serving(store, log=tmp_path / "app.log") as base:
         yield base, store
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _finished(page) -> str:
