@@ -28,6 +28,9 @@ SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "fea
 K_FREE_SPARSIFIERS = frozenset({"relu"})
 """Sparsifiers whose sparsity comes from a penalty rather than from k."""
 
+SIGNED_SPARSIFIERS = frozenset({"abstopk"})
+"""Sparsifiers whose features fire both ways (negative activations kept)."""
+
 BACKENDS = ("auto", "torch", "triton")
 """Kernel backends of the hot ops (`saelab.ops.resolve_backend`)."""
 

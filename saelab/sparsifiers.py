@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from saelab.config import K_FREE_SPARSIFIERS, SPARSIFIER_NAMES, SAEConfig
+from saelab.config import K_FREE_SPARSIFIERS, SIGNED_SPARSIFIERS, SPARSIFIER_NAMES, SAEConfig
 from saelab.ops import column_topk_mask, global_topk_candidates, global_topk_mask, topk_per_row
 
 
@@ -114,10 +114,15 @@ def register(cls: type[Sparsifier]) -> type[Sparsifier]:
     """Class decorator adding a sparsifier to the registry under `cls.name`.
 
     The name must be listed in `saelab.config.SPARSIFIER_NAMES` (configs validate against that list
-    without importing torch), and `uses_k` must agree with `K_FREE_SPARSIFIERS`.
+    without importing torch), `uses_k` must agree with `K_FREE_SPARSIFIERS` and `signed` with
+    `SIGNED_SPARSIFIERS`.
     """
-    if cls.name not in SPARSIFIER_NAMES or cls.uses_k == (cls.name in K_FREE_SPARSIFIERS):
-        raise TypeError(f"sparsifier {cls.name!r}: list it in saelab.config.SPARSIFIER_NAMES (and K_FREE_SPARSIFIERS)")
+    listed = cls.uses_k != (cls.name in K_FREE_SPARSIFIERS) and cls.signed == (cls.name in SIGNED_SPARSIFIERS)
+    if cls.name not in SPARSIFIER_NAMES or not listed:
+        raise TypeError(
+            f"sparsifier {cls.name!r}: list it in saelab.config.SPARSIFIER_NAMES"
+            " (and K_FREE_SPARSIFIERS / SIGNED_SPARSIFIERS where it applies)"
+        )
     SPARSIFIERS[cls.name] = cls
     return cls
 

@@ -61,11 +61,12 @@ def test_unknown_sparsifier_and_k_above_d_sae() -> None:
 
 
 def test_configs_know_exactly_the_registered_sparsifiers() -> None:
-    from saelab.config import K_FREE_SPARSIFIERS, SPARSIFIER_NAMES
+    from saelab.config import K_FREE_SPARSIFIERS, SIGNED_SPARSIFIERS, SPARSIFIER_NAMES
     from saelab.sparsifiers import SPARSIFIERS
 
     assert sorted(SPARSIFIERS) == sorted(SPARSIFIER_NAMES)
     assert {name for name, cls in SPARSIFIERS.items() if not cls.uses_k} == K_FREE_SPARSIFIERS
+    assert {name for name, cls in SPARSIFIERS.items() if cls.signed} == SIGNED_SPARSIFIERS
 
 
 def test_input_width_mismatch() -> None:

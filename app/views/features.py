@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from saelab.app import common
+from saelab.config import SIGNED_SPARSIFIERS
 from saelab.store import SORT_KEYS, FeatureSummary
 
 PAGE_SIZE = 50
@@ -20,7 +21,7 @@ MODES = {"text": "label, example or promoted token", "token": "fires on this exa
 fs = common.open_store()
 info = common.choose_sae(fs)
 sae_id = info.sae_id
-signed = info.sparsifier == "abstopk"
+signed = info.sparsifier in SIGNED_SPARSIFIERS
 with common.errors():
     is_crosscoder = bool(fs.diffing_counts(sae_id))
 
@@ -34,7 +35,15 @@ if raw_sort is not None and raw_sort not in SORT_KEYS:
 
 top = st.columns([3, 2, 1.2, 1.2])
 query = top[0].text_input("Search", key="q", bind="query-params", placeholder="' king', a label, or 123")
-mode = top[1].segmented_control("Search by", list(MODES), default="text", key="by", bind="query-params", required=True)
+mode = top[1].segmented_control(
+    "Search by",
+    list(MODES),
+    default="text",
+    key="by",
+    bind="query-params",
+    required=True,
+    help="; ".join(f"{k}: {v}" for k, v in MODES.items()),
+)
 sort = top[2].selectbox("Sort by", SORT_KEYS, index=SORT_KEYS.index("density"), key="sort", bind="query-params")
 order = top[3].segmented_control(
     "Order", ["desc", "asc"], default="desc", key="order", bind="query-params", required=True
