@@ -16,20 +16,21 @@ def row(i: SAEInfo) -> dict[str, object]:
     """One SAE as a row of the overview table."""
     ev = i.eval or {}
     dense = ev.get("dense_frac")
+    # Evals first, so they stay in view; the long model and hook names last.
     return {
         "SAE": i.sae_id,
-        "model": i.model,
-        "hook point": i.hook_name,
         "sparsifier": i.sparsifier,
         "d_sae": i.d_sae,
         "k": i.k,
-        "tokens analysed": i.n_tokens,
-        "dead": i.n_dead,
-        "dense": None if dense is None else round(dense * i.d_sae),
         "FVU": ev.get("fvu"),
         "CE recovered": ev.get("ce_loss_recovered"),
         "KL": ev.get("kl_div"),
         "L0": ev.get("l0"),
+        "dead": i.n_dead,
+        "dense": None if dense is None else round(dense * i.d_sae),
+        "tokens analysed": i.n_tokens,
+        "model": i.model,
+        "hook point": i.hook_name,
     }
 
 
@@ -43,7 +44,7 @@ st.dataframe(
     hide_index=True,
     column_config={
         "link": st.column_config.LinkColumn("features", display_text="browse", width="small"),
-        **{c: st.column_config.Column(width="small") for c in ("d_sae", "k", "dead", "dense", "L0")},
+        **{c: st.column_config.NumberColumn(format="%.4g") for c in ("FVU", "CE recovered", "KL", "L0")},
     },
 )
 
