@@ -27,6 +27,7 @@ PAGES = {
     "overview": st.Page(VIEWS / "overview.py", title="Overview", icon=":material/dashboard:", default=True),
     "features": st.Page(VIEWS / "features.py", title="Features", icon=":material/list:", url_path="features"),
     "feature": st.Page(VIEWS / "feature.py", title="Feature", icon=":material/insights:", url_path="feature"),
+    "inspect": st.Page(VIEWS / "inspect.py", title="Prompt inspector", icon=":material/search:", url_path="inspect"),
     "diffing": st.Page(
         VIEWS / "diffing.py", title="Model diffing", icon=":material/compare_arrows:", url_path="diffing"
     ),

@@ -32,6 +32,7 @@ TOKEN_CSS = """
 .sl-tok { position: relative; border-radius: 3px; padding: 1px 0; }
 .sl-tok .ws { color: #aaa; }
 .sl-tok.peak { outline: 2px solid #d62728; outline-offset: -1px; }
+.sl-tok.skipped { text-decoration: line-through; color: #999; }
 .sl-tok:hover { outline: 1px solid #333; }
 .sl-tok:hover::after { content: attr(data-tip); position: absolute; left: 0; top: 1.6em; z-index: 10;
          background: #222; color: #fff; padding: 2px 6px; border-radius: 3px; white-space: pre; font-size: 0.75rem; }
@@ -65,13 +66,21 @@ def background(act: float, scale: float) -> str:
 
 
 def tokens_html(
-    tokens: Sequence[str], token_ids: Sequence[int], acts: Sequence[float], scale: float, peak: int | None = None
+    tokens: Sequence[str],
+    token_ids: Sequence[int],
+    acts: Sequence[float],
+    scale: float,
+    peak: int | None = None,
+    skipped: Sequence[bool] = (),
 ) -> str:
-    """Spans of tokens, each coloured by its activation, with a hover of its text, id and activation."""
+    """Spans of tokens, each coloured by its activation, with a hover of its text, id and activation;
+    tokens flagged in `skipped` (the SAE does not read them) are struck through and say so."""
     spans = []
     for i, (text, tid, act) in enumerate(zip(tokens, token_ids, acts, strict=True)):
-        tip = html.escape(f"{text!r}  id {tid}  act {act:.3f}", quote=True)
-        cls = "sl-tok peak" if i == peak else "sl-tok"
+        skip = i < len(skipped) and skipped[i]
+        what = "skipped by the SAE (massive norm)" if skip else f"act {act:.3f}"
+        tip = html.escape(f"{text!r}  id {tid}  {what}", quote=True)
+        cls = "sl-tok" + (" peak" if i == peak else "") + (" skipped" if skip else "")
         spans.append(
             f'<span class="{cls}" style="background:{background(act, scale)}" title="{tip}" data-tip="{tip}"'
             f' data-act="{act:.4f}" data-id="{tid}">{visible(text)}</span>'

@@ -344,3 +344,49 @@ def test_moving_between_pages_keeps_the_chosen_sae(store) -> None:
     assert "signed · feature #0" in texts(ok(at)) and at.query_params["sae"] == "signed"
     at.selectbox[0].select("cc").run()  # the sidebar's SAE box
     assert "cc · feature #0" in texts(ok(at)) and at.query_params["sae"] == "cc"
+
+
+PROMPT = "To be, or not to be, that is the question"
+
+
+def test_inspector_lists_the_features_at_a_token(store) -> None:
+    from saelab.prompt import run_prompt
+    from saelab.rundir import RunDir
+
+    with FeatureStore(store) as fs:
+        run = RunDir(fs.sae("sae").run_dir).load()
+    expected = run_prompt(run.sae, run.sources, PROMPT)
+    at = ok(page(store, "views/inspect.py", sae="sae", text=PROMPT, tok="3"))
+    body = texts(at)
+    assert "Features at token 3" in body and f"id {expected.token_ids[3]}" in body
+    assert all(f'data-id="{t}"' in body for t in expected.token_ids)  # every token of the prompt is shown
+    table = at.dataframe[0].value
+    assert sorted(table["feature"]) == sorted(f for f, _ in expected.active(3))
+    top = max(expected.active(3), key=lambda fv: abs(fv[1]))[0]
+    assert table["feature"].iloc[0] == top and table["open"].iloc[0] == f"./feature?sae=sae&id={top}"
+    at.segmented_control(key="rank").set_value("relative").run()
+    assert ok(at).dataframe[0].value["relative"].is_monotonic_decreasing
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"text": "To be " * 200}, "reads at most"), ({"text": "a", "tok": "7"}, None), ({"text": "   "}, "empty")],
+)
+def test_inspector_bad_input(store, params, message) -> None:
+    at = page(store, "views/inspect.py", sae="sae", **params)
+    assert not at.exception
+    if message:
+        assert message in at.error[0].value
+
+
+def test_inspector_without_the_run_directory_says_what_is_missing(app_store, tmp_path, monkeypatch) -> None:
+    moved = tmp_path / "moved.duckdb"
+    shutil.copyfile(app_store, moved)
+    import duckdb
+
+    with duckdb.connect(str(moved)) as con:
+        con.execute("UPDATE saes SET run_dir = '/nowhere/run' WHERE sae_id = 'sae'")
+    monkeypatch.setenv(STORE_ENV, str(moved))
+    at = page(moved, "views/inspect.py", sae="sae", text=PROMPT)
+    assert not at.exception and "/nowhere/run" in at.error[0].value and "browsing pages work" in at.error[0].value
+    ok(page(moved, "views/feature.py", sae="sae", id="1"))  # browsing is unaffected

@@ -175,7 +175,7 @@ def _sae_row(
     model, hook = sources[0]
     return {
         "sae_id": sae_id,
-        "run_dir": str(run.path) if run is not None else "",
+        "run_dir": str(run.path.resolve()) if run is not None else "",
         "model": model.name,
         "hook_name": hook,
         "sparsifier": sae.cfg.sparsifier,

@@ -1,0 +1,103 @@
+"""Prompt inspector: type text, see which features fire at each token, rank them, highlight one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from saelab.app import common, live, render
+
+RANKINGS = {
+    "activation": "raw activation",
+    "relative": "activation / the feature's max activation in the analysis",
+    "density-penalised": "relative activation x log10(1 / density): rare features first, generic ones last",
+}
+
+fs = common.open_store()
+info = common.choose_sae(fs)
+sae_id = info.sae_id
+st.title(f"Prompt inspector · {sae_id}")
+st.caption(f"{info.model} · {info.hook_name} · type text to see which of the {info.d_sae:,} features fire")
+
+text = st.text_area("Prompt", key="text", bind="query-params", placeholder="To be, or not to be, that is the question")
+if not text:
+    st.info("Type a prompt (Ctrl+Enter runs it).")
+    st.stop()
+acts = live.prompt(info, text)
+with common.errors():
+    vocab = fs.vocab(info.model)
+    max_acts = fs.max_acts(sae_id)
+    density = {r.feature: r.density for r in fs.feature_list(sae_id, "feature", limit=None).rows}
+tokens = [vocab[i] if i < len(vocab) else f"<{i}>" for i in acts.token_ids]
+skipped = [not k for k in acts.kept]
+n = len(tokens)
+
+left, right = st.columns([2, 1])
+position = left.number_input(
+    f"Token (0 to {n - 1})", 0, n - 1, int(np.argmax(np.abs(acts.values).max(axis=1))), key="tok", bind="query-params"
+)
+rank = right.segmented_control(
+    "Rank by", list(RANKINGS), default="activation", key="rank", bind="query-params", required=True,
+    help="; ".join(f"{k}: {v}" for k, v in RANKINGS.items()),
+)  # fmt: skip
+
+active = acts.active(position)
+highlight = st.query_params.get("hl")
+shown = int(highlight) if highlight and highlight.isdigit() and int(highlight) < info.d_sae else None
+if shown is None and active:
+    shown = active[0][0]
+values = acts.feature(shown) if shown is not None else np.zeros(n)
+scale = max_acts[shown] if shown is not None and math.isfinite(max_acts[shown]) else float(np.abs(values).max() or 1)
+st.html(
+    render.TOKEN_CSS
+    + '<div class="sl-ex">'
+    + render.tokens_html(tokens, acts.token_ids, values.tolist(), scale, peak=position, skipped=skipped)
+    + "</div>"
+)
+st.caption(
+    f"{n} tokens; colour: feature #{shown}'s activation (scaled to its max {scale:.3g}); outlined: token {position}"
+    + (f"; {sum(skipped)} token(s) struck through are skipped by the SAE (massive norm)" if any(skipped) else "")
+)
+
+st.subheader(f"Features at token {position}: {tokens[position]!r} (id {acts.token_ids[position]})")
+if skipped[position]:
+    st.warning("The SAE skips this token: its activation norm is far above the rest (an attention sink).")
+elif not active:
+    st.info("No feature fires at this token.")
+else:
+    rows = []
+    for f, v in active:
+        rel = v / max_acts[f] if math.isfinite(max_acts[f]) and max_acts[f] else float("nan")
+        d = density.get(f) or 0.0
+        rows.append({"feature": f, "activation": v, "relative": rel, "density": d,
+                     "density-penalised": rel * (math.log10(1 / d) if d > 0 else 0.0)})  # fmt: skip
+    table = pd.DataFrame(rows).sort_values(rank, ascending=False, key=lambda c: c.abs() if rank == "activation" else c)
+    with common.errors():
+        labels = {s.feature: s.label for s in fs.summaries(sae_id, list(table["feature"]))}
+    table.insert(1, "label", [labels.get(f) for f in table["feature"]])
+    table.insert(0, "open", [common.feature_url(sae_id, f) for f in table["feature"]])
+    st.dataframe(
+        table,
+        hide_index=True,
+        key="features_at_token",
+        column_config={
+            "open": st.column_config.LinkColumn("open", display_text="open", width="small"),
+            "density": st.column_config.NumberColumn(format="%.2e"),
+        },
+    )
+    options = [int(f) for f in table["feature"]]
+    key = f"hl_box_{position}"
+
+    def highlight_choice() -> None:
+        st.query_params["hl"] = str(st.session_state[key])
+
+    st.selectbox(
+        "Highlight a feature across the prompt",
+        options,
+        index=options.index(shown) if shown in options else 0,
+        key=key,
+        on_change=highlight_choice,
+    )
