@@ -113,8 +113,9 @@ def band_heading(band: int, edges: Sequence[float], counts: Sequence[int]) -> st
     )
 
 
-def activation_histogram(dash: FeatureDashboard) -> go.Figure:
-    """The feature's |activation| histogram with its sampling bands shaded and numbered."""
+def activation_histogram(dash: FeatureDashboard, mark: float | None = None) -> go.Figure:
+    """The feature's |activation| histogram with its sampling bands shaded and numbered, and `mark`
+    (e.g. its activation on a typed prompt) as a vertical line."""
     edges, counts = dash.hist_edges, dash.hist_counts
     fig = go.Figure(
         go.Bar(
@@ -128,6 +129,8 @@ def activation_histogram(dash: FeatureDashboard) -> go.Figure:
     for i, (a, b) in enumerate(itertools.pairwise(dash.band_edges)):
         fig.add_vrect(x0=a, x1=b, fillcolor="#888", opacity=0.08 if i % 2 else 0.0, line_width=0)
         fig.add_annotation(x=(a + b) / 2, y=1.04, yref="paper", text=str(i), showarrow=False, font_size=10)
+    if mark is not None:
+        fig.add_vline(x=abs(mark), line_color="#d62728", annotation_text=f"prompt {mark:.3g}")
     fig = _layout(fig, "activation (|act| for signed SAEs)", "firings", height=280)
     fig.update_layout(showlegend=False)
     return fig

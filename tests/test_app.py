@@ -390,3 +390,18 @@ def test_inspector_without_the_run_directory_says_what_is_missing(app_store, tmp
     at = page(moved, "views/inspect.py", sae="sae", text=PROMPT)
     assert not at.exception and "/nowhere/run" in at.error[0].value and "browsing pages work" in at.error[0].value
     ok(page(moved, "views/feature.py", sae="sae", id="1"))  # browsing is unaffected
+
+
+def test_dashboard_runs_its_feature_on_a_typed_prompt(store) -> None:
+    from saelab.prompt import run_prompt
+    from saelab.rundir import RunDir
+
+    with FeatureStore(store) as fs:
+        run = RunDir(fs.sae("sae").run_dir).load()
+    got = run_prompt(run.sae, run.sources, PROMPT)
+    f = int(got.indices[got.indices >= 0][0])
+    values = got.feature(f)
+    at = ok(page(store, "views/feature.py", sae="sae", id=str(f), **{"try": PROMPT}))
+    peak = float(values[abs(values).argmax()])
+    assert f"Feature #{f} on this prompt: max {peak:.4g}" in texts(at)
+    assert f"prompt {peak:.3g}" in at.get("plotly_chart")[0].proto.spec  # marked on the histogram

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -75,9 +76,34 @@ if dash.source_norms is not None:
 
 left, right = st.columns([3, 2])
 with left:
+    st.subheader("Test a prompt")
+    typed = st.text_input("Text to run this feature on", key="try", bind="query-params", placeholder="Type text")
+    mark = None
+    if typed:
+        from saelab.app import live  # only now: browsing this page never waits on the model
+
+        on_prompt = live.prompt(info, typed)
+        values = on_prompt.feature(feature)
+        vocab = fs.vocab(info.model)
+        mark = float(values[np.abs(values).argmax()])
+        skipped = [not k for k in on_prompt.kept]
+        words = [vocab[i] if i < len(vocab) else f"<{i}>" for i in on_prompt.token_ids]
+        peak = int(np.abs(values).argmax()) if mark else None
+        st.html(
+            render.TOKEN_CSS
+            + '<div class="sl-ex">'
+            + render.tokens_html(
+                words, on_prompt.token_ids, values.tolist(), max(s.max_act or 0, abs(mark), 1e-12), peak, skipped
+            )
+            + "</div>"
+        )
+        st.caption(
+            f"Feature #{feature} on this prompt: max {mark:.4g}"
+            + (f" ({mark / s.max_act:.0%} of its max in the analysis)" if s.max_act else "")
+        )
     if s.n_fires:
         st.subheader("Activations")
-        st.plotly_chart(render.activation_histogram(dash), key="hist")
+        st.plotly_chart(render.activation_histogram(dash, mark), key="hist")
 with right:
     st.subheader("Logit effects")
     promoted, suppressed = st.columns(2)
