@@ -405,3 +405,6 @@ def test_dashboard_runs_its_feature_on_a_typed_prompt(store) -> None:
     peak = float(values[abs(values).argmax()])
     assert f"Feature #{f} on this prompt: max {peak:.4g}" in texts(at)
     assert f"prompt {peak:.3g}" in at.get("plotly_chart")[0].proto.spec  # marked on the histogram
+    silent = next(g for g in range(64) if not (got.indices == g).any())
+    at = ok(page(store, "views/feature.py", sae="sae", id=str(silent), **{"try": PROMPT}))
+    assert f"Feature #{silent} does not fire on this prompt." in texts(at)

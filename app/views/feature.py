@@ -97,10 +97,12 @@ with left:
             )
             + "</div>"
         )
-        st.caption(
-            f"Feature #{feature} on this prompt: max {mark:.4g}"
-            + (f" ({mark / s.max_act:.0%} of its max in the analysis)" if s.max_act else "")
-        )
+        if mark:
+            share = f" ({mark / s.max_act:.0%} of its max in the analysis)" if s.max_act else ""
+            st.caption(f"Feature #{feature} on this prompt: max {mark:.4g}{share}")
+        else:
+            st.caption(f"Feature #{feature} does not fire on this prompt.")
+            mark = None
     if s.n_fires:
         st.subheader("Activations")
         st.plotly_chart(render.activation_histogram(dash, mark), key="hist")
