@@ -1,10 +1,10 @@
 """End to end: `saelab app` on a free localhost port, read by Debian's headless chromium through Playwright.
 
 Opens the overview, the feature list, a dashboard by URL and the diffing page, checks what they
-show, hovers a token and reads its activation, and saves a screenshot of each page (to
-`$SAELAB_E2E_SHOTS`, else the test's temp dir). `$SAELAB_E2E_STORE` points it at another store (the
-README's screenshots come from the demo store). Without chromium it skips, except under CI, where
-it fails: `.ci/run` installs the browser.
+show, hovers a token and reads its activation, types a prompt into the inspector, and saves a
+screenshot of each page (to `$SAELAB_E2E_SHOTS`, else the test's temp dir). `$SAELAB_E2E_STORE`
+points it at another store (the README's screenshots come from the demo store). Without chromium
+it skips, except under CI, where it fails: `.ci/run` installs the browser.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 from saelab.app import serving
 from saelab.store import FeatureStore
 
+PROMPT = "Now is the winter of our discontent made glorious summer by this sun of York."
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]  # fmt: skip
@@ -99,6 +100,16 @@ def test_the_app_in_a_real_browser(served, tmp_path) -> None:
         assert tip is not None and f"act {ex.act:.3f}" in tip and f"id {ex.token_ids[ex.index]}" in tip
         assert f"act {ex.act:.3f}" in shown  # the hover box the reader sees
         page.screenshot(path=shots / "dashboard.png", full_page=True)
+
+        page.goto(f"{base}/inspect?sae={sae}")
+        _finished(page)
+        box = page.get_by_role("textbox", name="Prompt")
+        box.fill(PROMPT)
+        box.press("Control+Enter")  # what a reader types to run it
+        page.wait_for_selector(".sl-tok", timeout=120_000)
+        text = _finished(page)
+        assert "Features at token" in text and "text=" in page.url  # the prompt is in the shareable URL
+        page.screenshot(path=shots / "inspector.png", full_page=True)
 
         page.goto(f"{base}/feature?sae={sae}&id=-5")
         assert "out of range" in _finished(page)
