@@ -28,6 +28,7 @@ PAGES = {
     "features": st.Page(VIEWS / "features.py", title="Features", icon=":material/list:", url_path="features"),
     "feature": st.Page(VIEWS / "feature.py", title="Feature", icon=":material/insights:", url_path="feature"),
     "inspect": st.Page(VIEWS / "inspect.py", title="Prompt inspector", icon=":material/search:", url_path="inspect"),
+    "steer": st.Page(VIEWS / "steer.py", title="Steering", icon=":material/tune:", url_path="steer"),
     "diffing": st.Page(
         VIEWS / "diffing.py", title="Model diffing", icon=":material/compare_arrows:", url_path="diffing"
     ),
@@ -84,6 +85,12 @@ def choose_sae(fs: FeatureStore) -> SAEInfo:
     st.query_params["sae"] = chosen
     with errors():
         return fs.sae(chosen)
+
+
+def start() -> tuple[FeatureStore, SAEInfo]:
+    """What every page opens with: this session's store and the SAE it shows."""
+    fs = open_store()
+    return fs, choose_sae(fs)
 
 
 def int_param(name: str, default: int | None = None, low: int = 0, high: int | None = None) -> int:

@@ -5,14 +5,20 @@ Only live pages import this module (it imports torch); the browsing pages never 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
+from saelab import steering
 from saelab.app import common
+from saelab.corpus import token_sequences
 from saelab.errors import SaelabError
 from saelab.prompt import PromptActivations, run_prompt
+from saelab.results import SteeringEffect
 from saelab.rundir import LoadedRun, RunDir
+from saelab.steering import Ablate, Add, Clamp
 from saelab.store import SAEInfo
 
 
@@ -57,3 +63,33 @@ def prompt(info: SAEInfo, text: str) -> PromptActivations:
     load_run(info)
     with common.errors():
         return _prompt(run_dir(info), text)
+
+
+def interventions(info: SAEInfo, kind: str, units: str, chosen: list[tuple[int, float]], max_acts: Any) -> list[Any]:
+    """The steering interventions for `chosen` (feature, strength) pairs: one Add, Clamp or Ablate."""
+    run = load_run(info)
+    if run.sae.cfg.n_sources > 1:
+        common.fail("Steering a crosscoder is not supported yet: choose an SAE.")
+    features, strengths = [f for f, _ in chosen], [v for _, v in chosen]
+    if kind == "add":
+        return [Add(run.sae, features, strengths, units=units, max_acts=max_acts)]
+    if kind == "clamp":
+        if units == "max":
+            strengths = [v * (max_acts[f] if math.isfinite(max_acts[f]) else 0.0) for f, v in chosen]
+        return [Clamp(run.sae, features, strengths)]
+    return [Ablate(run.sae, features)]
+
+
+def side_by_side(
+    info: SAEInfo, prompts: list[str], ivs: list[Any], max_new: int, temperature: float, seed: int
+) -> list[dict[str, str]]:
+    """Each prompt's continuation without and with the interventions (`saelab.steering.side_by_side`)."""
+    return steering.side_by_side(load_run(info).sources[0][0], prompts, ivs, max_new, temperature, seed)
+
+
+def cost(info: SAEInfo, ivs: list[Any], n_tokens: int) -> SteeringEffect:
+    """CE increase and KL of the interventions on `n_tokens` of the run's held-out text."""
+    run = load_run(info)
+    model = run.sources[0][0]
+    sequences = token_sequences(model, run.data, "eval", n_tokens)
+    return steering.steering_effects(model, sequences, {"steered": ivs})["steered"]

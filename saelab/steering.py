@@ -274,6 +274,30 @@ def diff_in_means(
 
 
 @torch.no_grad()
+def parse_features(text: str, d_sae: int) -> list[tuple[int, float]]:
+    """Features and strengths written `ID:STRENGTH,ID:STRENGTH` (a bare `ID` means strength 1), as in the
+    app's steering URL; a clear error names the part that is wrong."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        fid, _, amount = part.partition(":")
+        try:
+            feature = int(fid)
+        except ValueError:
+            raise DataError(f"{part!r}: {fid!r} is not a feature id (write ID:STRENGTH, e.g. 12:2.5)") from None
+        if not 0 <= feature < d_sae:
+            raise DataError(f"{part!r}: feature {feature} is out of range: ids run from 0 to {d_sae - 1}")
+        try:
+            strength = float(amount) if amount.strip() else 1.0
+        except ValueError:
+            raise DataError(f"{part!r}: strength {amount!r} is not a number") from None
+        if not math.isfinite(strength):
+            raise DataError(f"{part!r}: strength must be finite")
+        out.append((feature, strength))
+    if not out:
+        raise DataError("name at least one feature to steer with, e.g. 12:2.5")
+    return out
+
+
 def generate(
     model: LanguageModel,
     prompt: str,

@@ -148,6 +148,8 @@ def test_dashboard_shows_the_feature(store) -> None:
 
 def test_dashboard_of_a_crosscoder_latent_shows_its_diffing(store) -> None:
     at = ok(page(store, "views/feature.py", sae="cc", id="3"))
+    steer = next(p for p in at.get("page_link") if p.proto.label == "Steer with this feature")
+    assert steer.proto.query_string == "sae=cc&f=3%3A1&units=max"  # prefills the steering page
     labels = {m.label for m in at.metric}
     assert {"decoder norms", "relative norm", "decoder cosine"} <= labels
 
@@ -408,3 +410,37 @@ def test_dashboard_runs_its_feature_on_a_typed_prompt(store) -> None:
     silent = next(g for g in range(64) if not (got.indices == g).any())
     at = ok(page(store, "views/feature.py", sae="sae", id=str(silent), **{"try": PROMPT}))
     assert f"Feature #{silent} does not fire on this prompt." in texts(at)
+
+
+def test_steering_page_generates_side_by_side(store) -> None:
+    from saelab.rundir import RunDir
+    from saelab.steering import Add, generate
+
+    with FeatureStore(store) as fs:
+        run = RunDir(fs.sae("sae").run_dir).load()
+        max_acts = fs.max_acts("sae")
+    model = run.sources[0][0]
+    params = {"sae": "sae", "f": "5:40", "units": "raw", "prompt": "To be", "n": "8"}
+    at = ok(page(store, "views/steer.py", **params))
+    at.button[0].click().run()  # Generate
+    shown = [t.value for t in ok(at).text]
+    clean = generate(model, "To be", 8)
+    steered = generate(model, "To be", 8, [Add(run.sae, [5], [40.0], units="raw", max_acts=max_acts)])
+    assert shown == [clean, steered] and clean != steered  # a strong Add changes the continuation
+    at.button[1].click().run()  # Measure the cost
+    labels = {m.label: m.value for m in ok(at).metric}
+    assert float(labels["KL(clean || steered)"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("x:1", "is not a feature id"), ("5:abc", "is not a number"), ("999:1", "out of range"), (",", "at least one")],
+)
+def test_steering_bad_input(store, spec, message) -> None:
+    at = page(store, "views/steer.py", sae="sae", f=spec)
+    assert not at.exception and message in at.error[0].value
+
+
+def test_steering_a_crosscoder_says_it_is_not_supported(store) -> None:
+    at = page(store, "views/steer.py", sae="cc", f="1:1")
+    assert not at.exception and "crosscoder is not supported" in at.error[0].value

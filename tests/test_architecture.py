@@ -43,9 +43,10 @@ APP_READS = ("saelab.app", "saelab.store", "saelab.errors", "saelab.config")
 """What the app's browsing pages may import from saelab: the store and the foundations, never torch."""
 
 APP_LIVE = {
-    "saelab.app.live": ("saelab.prompt", "saelab.rundir"),
+    "saelab.app.live": ("saelab.prompt", "saelab.rundir", "saelab.steering", "saelab.corpus", "saelab.results"),
     "saelab.app.views.inspect": (),
     "saelab.app.views.feature": (),
+    "saelab.app.views.steer": ("saelab.steering",),
 }
 """The app's modules that run the model, and what else they may import (pages reach it through `live`;
 the dashboard only once a prompt is typed into it)."""

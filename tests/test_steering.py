@@ -190,3 +190,14 @@ def test_interventions_at_several_hook_points_compose(tiny_model, toks) -> None:
     assert torch.equal(together, nested)
     assert not torch.allclose(together, logits(tiny_model, toks, [first]))
     assert not torch.allclose(together, logits(tiny_model, toks, [second]))
+
+
+def test_parse_features_reads_the_steering_url_and_names_what_is_wrong() -> None:
+    from saelab.errors import DataError
+    from saelab.steering import parse_features
+
+    assert parse_features("12:2.5, 40:-1,7", 64) == [(12, 2.5), (40, -1.0), (7, 1.0)]
+    for bad, message in (("x:1", "not a feature id"), ("12:abc", "not a number"), ("64:1", "out of range"),
+                         ("3:nan", "finite"), (" , ", "at least one")):  # fmt: skip
+        with pytest.raises(DataError, match=message):
+            parse_features(bad, 64)

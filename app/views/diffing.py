@@ -11,8 +11,7 @@ from saelab.config import mixture_parts
 
 CLASSES = ("A-only", "shared", "B-only")
 
-fs = common.open_store()
-info = common.choose_sae(fs)
+fs, info = common.start()
 sae_id = info.sae_id
 with common.errors():
     df = fs.diffing(sae_id)

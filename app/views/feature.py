@@ -12,8 +12,7 @@ from saelab.app import common, render
 
 CONTEXTS = {"short": (8, 2), "medium": (16, 4), "full": (None, None)}
 
-fs = common.open_store()
-info = common.choose_sae(fs)
+fs, info = common.start()
 sae_id = info.sae_id
 feature = common.int_param("id", default=0, high=info.d_sae)
 with common.errors():
@@ -30,6 +29,12 @@ st.title(f"{sae_id} · feature #{feature}")
 if s.label:
     st.subheader(s.label)
 st.caption(f"{info.model} · {info.hook_name} · {info.sparsifier} · {info.n_tokens:,} tokens analysed")
+st.page_link(
+    common.PAGES["steer"],
+    label="Steer with this feature",
+    query_params={"sae": sae_id, "f": f"{feature}:1", "units": "max"},
+    icon=":material/tune:",
+)
 
 nav = st.columns([1.2, 1, 1.3, 3, 3], vertical_alignment="bottom")
 nav[0].button("Previous", on_click=go_to, args=(feature - 1,), disabled=feature == 0, icon=":material/arrow_back:")

@@ -18,8 +18,7 @@ PAGE_SIZE = 50
 SEARCH_LIMIT = 200
 MODES = {"text": "label, example or promoted token", "token": "fires on this exact token", "id": "feature id"}
 
-fs = common.open_store()
-info = common.choose_sae(fs)
+fs, info = common.start()
 sae_id = info.sae_id
 signed = info.sparsifier in SIGNED_SPARSIFIERS
 with common.errors():

@@ -16,8 +16,7 @@ RANKINGS = {
     "density-penalised": "relative activation x log10(1 / density): rare features first, generic ones last",
 }
 
-fs = common.open_store()
-info = common.choose_sae(fs)
+fs, info = common.start()
 sae_id = info.sae_id
 st.title(f"Prompt inspector · {sae_id}")
 st.caption(f"{info.model} · {info.hook_name} · type text to see which of the {info.d_sae:,} features fire")

@@ -8,8 +8,7 @@ import streamlit as st
 from saelab.app import common, render
 from saelab.store import SAEInfo
 
-fs = common.open_store()
-info = common.choose_sae(fs)
+fs, info = common.start()
 
 
 def row(i: SAEInfo) -> dict[str, object]:
