@@ -88,6 +88,18 @@ def tokens_html(
     return "".join(spans)
 
 
+def prompt_html(
+    tokens: Sequence[str],
+    token_ids: Sequence[int],
+    acts: Sequence[float],
+    scale: float,
+    peak: int | None = None,
+    skipped: Sequence[bool] = (),
+) -> str:
+    """A typed prompt as one line of tokens (see `tokens_html`) with the token styles, ready for `st.html`."""
+    return TOKEN_CSS + f'<div class="sl-ex">{tokens_html(tokens, token_ids, acts, scale, peak, skipped)}</div>'
+
+
 def example_html(ex: Example, scale: float, before: int | None = None, after: int | None = None) -> str:
     """One example as a line: its activation, then its window (cut to `before` / `after` tokens of
     context around the example's token when given) with the example's token outlined."""

@@ -14,14 +14,16 @@ CLASSES = ("A-only", "shared", "B-only")
 fs, info = common.start()
 sae_id = info.sae_id
 with common.errors():
-    df = fs.diffing(sae_id)
-if "rel_norm" not in df or df["rel_norm"].isna().all():
+    counts = fs.diffing_counts(sae_id)  # latents per class: none unless a two-source crosscoder
+if not counts:
     crosscoders = [s for s in fs.sae_ids() if fs.diffing_counts(s)]
     common.fail(
         f"{sae_id!r} is not a two-source crosscoder, so it has no model diffing. "
         + (f"Crosscoders in this store: {', '.join(crosscoders)}." if crosscoders else "This store has no crosscoder.")
     )
 
+with common.errors():
+    df = fs.diffing(sae_id)
 sources = (info.params or {}).get("sources") or ["source A", "source B"]
 st.title(f"Model diffing: {sae_id}")
 st.caption(f"A = `{sources[0]}` · B = `{sources[1]}` · {info.d_sae:,} latents · {info.n_tokens:,} tokens analysed")
@@ -30,7 +32,7 @@ nu_below = st.slider(
     "Latent Scaling cut (nu_error and nu_recon below it)", 0.05, 1.0, 0.3, 0.05, key="nu", bind="query-params"
 )
 with common.errors():
-    counts, confirmed = fs.diffing_counts(sae_id), fs.diffing_counts(sae_id, nu_below=nu_below)
+    confirmed = fs.diffing_counts(sae_id, nu_below=nu_below)
 cols = st.columns(3)
 for col, cls in zip(cols, CLASSES, strict=True):
     col.metric(

@@ -89,19 +89,12 @@ with left:
 
         on_prompt = live.prompt(info, typed)
         values = on_prompt.feature(feature)
-        vocab = fs.vocab(info.model)
-        mark = float(values[np.abs(values).argmax()])
+        peak = int(np.abs(values).argmax())
+        mark = float(values[peak])
+        words = fs.token_texts(info.model, on_prompt.token_ids)
+        scale = max(s.max_act or 0, abs(mark), 1e-12)
         skipped = [not k for k in on_prompt.kept]
-        words = [vocab[i] if i < len(vocab) else f"<{i}>" for i in on_prompt.token_ids]
-        peak = int(np.abs(values).argmax()) if mark else None
-        st.html(
-            render.TOKEN_CSS
-            + '<div class="sl-ex">'
-            + render.tokens_html(
-                words, on_prompt.token_ids, values.tolist(), max(s.max_act or 0, abs(mark), 1e-12), peak, skipped
-            )
-            + "</div>"
-        )
+        st.html(render.prompt_html(words, on_prompt.token_ids, values.tolist(), scale, peak if mark else None, skipped))
         if mark:
             share = f" ({mark / s.max_act:.0%} of its max in the analysis)" if s.max_act else ""
             st.caption(f"Feature #{feature} on this prompt: max {mark:.4g}{share}")

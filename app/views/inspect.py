@@ -27,10 +27,7 @@ if not text:
     st.stop()
 acts = live.prompt(info, text)
 with common.errors():
-    vocab = fs.vocab(info.model)
-    max_acts = fs.max_acts(sae_id)
-    density = {r.feature: r.density for r in fs.feature_list(sae_id, "feature", limit=None).rows}
-tokens = [vocab[i] if i < len(vocab) else f"<{i}>" for i in acts.token_ids]
+    tokens = fs.token_texts(info.model, acts.token_ids)
 skipped = [not k for k in acts.kept]
 n = len(tokens)
 
@@ -48,14 +45,13 @@ highlight = st.query_params.get("hl")
 shown = int(highlight) if highlight and highlight.isdigit() and int(highlight) < info.d_sae else None
 if shown is None and active:
     shown = active[0][0]
+# Only the features on show are read from the store: the page reruns on every change.
+with common.errors():
+    summary = {s.feature: s for s in fs.summaries(sae_id, sorted({f for f, _ in active} | {shown} - {None}))}
 values = acts.feature(shown) if shown is not None else np.zeros(n)
-scale = max_acts[shown] if shown is not None and math.isfinite(max_acts[shown]) else float(np.abs(values).max() or 1)
-st.html(
-    render.TOKEN_CSS
-    + '<div class="sl-ex">'
-    + render.tokens_html(tokens, acts.token_ids, values.tolist(), scale, peak=position, skipped=skipped)
-    + "</div>"
-)
+shown_max = summary[shown].max_act if shown in summary else None
+scale = shown_max or float(np.abs(values).max() or 1)
+st.html(render.prompt_html(tokens, acts.token_ids, values.tolist(), scale, peak=position, skipped=skipped))
 st.caption(
     f"{n} tokens; colour: feature #{shown}'s activation (scaled to its max {scale:.3g}); outlined: token {position}"
     + (f"; {sum(skipped)} token(s) struck through are skipped by the SAE (massive norm)" if any(skipped) else "")
@@ -69,14 +65,11 @@ elif not active:
 else:
     rows = []
     for f, v in active:
-        rel = v / max_acts[f] if math.isfinite(max_acts[f]) and max_acts[f] else float("nan")
-        d = density.get(f) or 0.0
-        rows.append({"feature": f, "activation": v, "relative": rel, "density": d,
+        top, d = summary[f].max_act, summary[f].density or 0.0
+        rel = v / top if top else float("nan")
+        rows.append({"feature": f, "label": summary[f].label, "activation": v, "relative": rel, "density": d,
                      "density-penalised": rel * (math.log10(1 / d) if d > 0 else 0.0)})  # fmt: skip
     table = pd.DataFrame(rows).sort_values(rank, ascending=False, key=lambda c: c.abs() if rank == "activation" else c)
-    with common.errors():
-        labels = {s.feature: s.label for s in fs.summaries(sae_id, list(table["feature"]))}
-    table.insert(1, "label", [labels.get(f) for f in table["feature"]])
     table.insert(0, "open", [common.feature_url(sae_id, f) for f in table["feature"]])
     st.dataframe(
         table,

@@ -53,8 +53,9 @@ cols = st.columns(6)
 cols[0].metric("features", f"{info.d_sae:,}")
 cols[1].metric("dead", f"{info.n_dead:,}", help="never fired on the analysed tokens")
 cols[2].metric("tokens analysed", f"{info.n_tokens:,}")
+chosen_row = row(info)
 for col, name in zip(cols[3:], ("FVU", "CE recovered", "L0"), strict=True):
-    value = row(info)[name]
+    value = chosen_row[name]
     col.metric(name, "n/a" if value is None else f"{value:.4g}")
 if not ev:
     st.info(f"{info.sae_id} was never evaluated: run `saelab eval {info.run_dir or 'RUN_DIR'}` and analyse again.")

@@ -63,6 +63,11 @@ class Reads(Connection):
             self._vocab[model] = table
         return self._vocab[model]
 
+    def token_texts(self, model: str, token_ids: list[int]) -> list[str]:
+        """The texts of `token_ids` in `model`'s vocabulary (`<id>` for ids past it)."""
+        vocab = self.vocab(model)
+        return [vocab[i] if i < len(vocab) else f"<{i}>" for i in token_ids]
+
     def has_vocab(self, model: str) -> bool:
         """Whether token texts for `model` are stored."""
         return bool(self._rows("SELECT count(*) FROM vocab WHERE model = ?", [model])[0][0])
@@ -158,7 +163,6 @@ class Reads(Connection):
 
     def _examples(self, sae_id: str, feature: int, model: str) -> tuple[list[Example], dict[int, list[Example]]]:
         """A feature's top examples (strongest first) and band samples by band."""
-        vocab = self.vocab(model)
         top: list[Example] = []
         banded: dict[int, list[Example]] = {}
         for r in self._dicts(
@@ -167,7 +171,7 @@ class Reads(Connection):
             [sae_id, feature],
         ):
             start = r.pop("start")
-            tokens = [vocab[i] if i < len(vocab) else f"<{i}>" for i in r["token_ids"]]
+            tokens = self.token_texts(model, r["token_ids"])
             ex = Example(**r, tokens=tokens, index=r["pos"] - start)
             (top if ex.kind == "top" else banded.setdefault(ex.band, [])).append(ex)
         return top, banded
@@ -227,8 +231,7 @@ class Reads(Connection):
             # through their promoted tokens rank after every feature with a matching top example, so
             # when there are `limit` of those only labelled features' promoted tokens need a look.
             matched = (
-                "matched AS MATERIALIZED"
-                " (SELECT token_id, token FROM vocab WHERE model = ? AND token ILIKE ? ESCAPE '\\'),"
+                "matched AS MATERIALIZED (SELECT token_id FROM vocab WHERE model = ? AND token ILIKE ? ESCAPE '\\'),"
             )
             on_example = "max_token_id IN (SELECT token_id FROM matched)"
             promoted = """f.feature IN (
