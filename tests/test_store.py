@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from test_analysis import CFG, tiny_data, tiny_run
@@ -15,6 +20,7 @@ from test_analysis import CFG, tiny_data, tiny_run
 from saelab.analysis import analyze
 from saelab.store import SORT_KEYS, FeatureStore, StoreError
 from saelab.store.schema import ADDED_COLUMNS, MIGRATIONS, SCHEMA_VERSION
+from saelab.store.userdata import COMPACT_AT, user_dir
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +88,10 @@ def test_every_reader_in_a_process_sees_a_published_write(store_path) -> None:
     # DuckDB caches one database per path in a process; readers must not be pinned to the old file.
     first, second = FeatureStore(store_path), FeatureStore(store_path)
     with FeatureStore.writer(store_path) as w:
-        w.set_label("run-topk", 2, "new")
+        w.put_sae({"sae_id": "new", "d_sae": 3, "model": "m"})
     with FeatureStore(store_path) as third:
-        assert third.dashboard("run-topk", 2).summary.label == "new"
-    assert first.dashboard("run-topk", 2).summary.label == "new"
-    assert second.dashboard("run-topk", 2).summary.label == "new"
+        assert "new" in third.sae_ids()
+    assert "new" in first.sae_ids() and "new" in second.sae_ids()
     first.close()
     second.close()
 
@@ -134,8 +139,13 @@ def test_bad_requests_give_clear_errors(built) -> None:
             store.feature_list("run-topk", sort="density; DROP TABLE features")
         with pytest.raises(StoreError, match="token id"):
             store.features_for_token("run-topk", 10**9)
-        with pytest.raises(StoreError, match="read-only"):
-            store.set_label("run-topk", 0, "x")
+        with pytest.raises(StoreError, match=r"out of range.*0 \.\. 39"):
+            store.set_label("run-topk", 40, "x")
+        with pytest.raises(StoreError, match="a label is text"):
+            store.set_label("run-topk", 0, 3)
+        with pytest.raises(StoreError, match="no steering experiment 'nope'"):
+            store.delete_steering("run-topk", "nope")
+        assert not store.user.root.exists()  # nothing was saved
 
 
 def test_foreign_corrupt_missing_and_newer_files(tmp_path, store_path) -> None:
@@ -296,6 +306,7 @@ def test_search_matches_its_definition_with_and_without_vocab(store_path, tmp_pa
         w.set_label("run-relu", 2, "Back\\Slash")
     no_vocab = tmp_path / "no-vocab.duckdb"
     shutil.copyfile(store_path, no_vocab)
+    shutil.copytree(user_dir(store_path), user_dir(no_vocab))  # the labels travel with the store's user data
     con = duckdb.connect(str(no_vocab))
     con.execute("DELETE FROM vocab")
     con.close()
@@ -316,3 +327,116 @@ def test_search_matches_its_definition_with_and_without_vocab(store_path, tmp_pa
         assert store.search("run-topk", "50%_off") and store.search("run-topk", "back\\slash")
         assert store.search("run-topk", 'it\'s "quoted"')
         assert store.search("run-topk", "50\\%_off") == store.search("run-topk", "5_%") == []
+
+
+def _sweep(strengths: list[float], feature: int = 1) -> pd.DataFrame:
+    n = len(strengths)
+    return pd.DataFrame(
+        {
+            "feature": [feature] * n,
+            "kind": ["add"] * n,
+            "units": ["max"] * n,
+            "strength": strengths,
+            "kl": [0.1 * s for s in strengths],
+            "delta_logprob": [0.5 * s for s in strengths],
+            "targets": ["a|b"] * n,
+        }
+    )
+
+
+def test_labels_and_experiments_are_saved_beside_the_store(store_path) -> None:
+    reader = FeatureStore(store_path)
+    published = store_path.stat()
+    reader.set_label("run-topk", 4, "thou / thee")
+    reader.put_steering("run-topk", "sweep 1", _sweep([0.0, 1.0, 2.0]), settings={"f": "1:2", "prompts": ["To be"]})
+    now = store_path.stat()
+    assert (now.st_ino, now.st_mtime_ns) == (published.st_ino, published.st_mtime_ns)  # nothing republished
+    assert reader.dashboard("run-topk", 4).summary.label == "thou / thee"
+    assert reader.search("run-topk", "THEE")[0].feature == 4
+    assert reader.feature_list("run-relu", limit=None).rows[4].label is None  # another SAE's feature 4
+
+    # After a restart they are all there, and the latest save of a key wins.
+    reader.close()
+    with FeatureStore(store_path) as again:
+        assert again.steering_experiments("run-topk") == ["sweep 1"]
+        assert again.steering("run-topk", "sweep 1")["strength"].tolist() == [0.0, 1.0, 2.0]
+        assert again.steering_settings("run-topk", "sweep 1") == {"f": "1:2", "prompts": ["To be"]}
+        again.set_label("run-topk", 4, "thee, relabelled")
+        again.put_steering("run-topk", "sweep 1", _sweep([5.0]))
+        again.put_steering("run-topk", "sweep 2", _sweep([1.0], feature=2))
+        assert again.dashboard("run-topk", 4).summary.label == "thee, relabelled"
+        assert again.steering("run-topk", "sweep 1")["strength"].tolist() == [5.0]
+        assert again.steering_settings("run-topk", "sweep 1") == {}
+        again.delete_steering("run-topk", "sweep 2")
+        again.set_label("run-topk", 4, None)
+        assert again.steering_experiments("run-topk") == ["sweep 1"]
+        assert again.dashboard("run-topk", 4).summary.label is None
+        with pytest.raises(StoreError, match="name the experiment"):
+            again.put_steering("run-topk", " ", _sweep([1.0]))
+        with pytest.raises(StoreError, match="JSON"):
+            again.put_steering("run-topk", "x", _sweep([1.0]), settings={"bad": object()})
+        with pytest.raises(StoreError, match="no SAE 'nope'"):
+            again.put_steering("nope", "x", _sweep([1.0]))
+
+    # A publish keeps them; many saves are merged into few files, and nothing is lost in the merge.
+    with FeatureStore.writer(store_path) as w:
+        w.put_sae({"sae_id": "published later", "d_sae": 3, "model": "m"})
+    with FeatureStore(store_path) as store:
+        n = 3 * COMPACT_AT + 5
+        for i in range(n):
+            store.set_label("run-relu", i % 40, f"label {i}")
+        assert len(list((user_dir(store_path) / "labels").iterdir())) <= COMPACT_AT
+        labels = {r.feature: r.label for r in store.feature_list("run-relu", limit=None).rows}
+        assert labels == {f: f"label {max(range(f, n, 40))}" if f < n else None for f in range(40)}
+        assert store.steering("run-topk", "sweep 1")["strength"].tolist() == [5.0]
+        assert "published later" in store.sae_ids()
+
+
+def test_older_stores_take_saved_experiments(store_path) -> None:
+    con = duckdb.connect(str(store_path))
+    con.execute("DROP TABLE steering")  # as in a v1 store
+    con.execute("ALTER TABLE features DROP COLUMN ctx_max_act")
+    con.execute("UPDATE saelab_meta SET value = '1' WHERE key = 'schema_version'")
+    con.close()
+    with FeatureStore(store_path) as old:
+        old.put_steering("run-topk", "on v1", _sweep([1.0, 2.0]))
+        old.set_label("run-topk", 2, "old but labelled")
+        assert old.steering("run-topk", "on v1")["kl"].tolist() == pytest.approx([0.1, 0.2])
+        assert old.dashboard("run-topk", 2).summary.label == "old but labelled"
+        assert old.dashboard("run-topk", 2).summary.ctx_max_act is None
+
+
+def test_saving_while_another_process_publishes_an_analysis_loses_neither(
+    store_path, tiny_model_dir, corpus_dir, tmp_path
+) -> None:
+    script = tmp_path / "publish.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            from pathlib import Path
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from test_analysis import CFG, tiny_data, tiny_run
+            from saelab.analysis import analyze
+            data = tiny_data(Path({str(tiny_model_dir)!r}), Path({str(corpus_dir)!r}))
+            run = tiny_run(Path({str(tmp_path)!r}), "relu", seed=1)
+            analyze(run, {str(store_path)!r}, CFG, sae_id="fresh", data=data)
+            """
+        )
+    )
+    reader = FeatureStore(store_path)
+    child = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    saved = 0
+    while child.poll() is None or saved < 10:  # saves before, during and after the publish
+        reader.put_steering("run-topk", f"experiment {saved}", _sweep([float(saved)]))
+        reader.set_label("run-topk", saved % 40, f"label {saved}")
+        saved += 1
+        time.sleep(0.005)
+    assert child.wait() == 0, child.stderr.read()
+    with FeatureStore(store_path) as after:
+        for store in (reader, after):
+            assert "fresh" in store.sae_ids() and store.feature_list("fresh").total == 40
+            assert sorted(store.steering_experiments("run-topk")) == sorted(f"experiment {i}" for i in range(saved))
+            labels = {r.feature: r.label for r in store.feature_list("run-topk", limit=None).rows}
+            assert all(labels[i % 40] == f"label {i}" for i in range(max(0, saved - 40), saved))
+    reader.close()

@@ -6,7 +6,8 @@ features starts fast. It is the only part of saelab that knows SQL:
 - `schema`: the tables (documented for users in docs/store.md) and the migrations between versions;
 - `records`: the typed records reads return, whose fields name the columns they are read from;
 - `connection`: opening a file read-only, and publishing a writer's copy atomically;
-- `reads` / `writes`: the queries and the writes, as methods of `FeatureStore`.
+- `reads` / `writes`: the queries and the writes, as methods of `FeatureStore`;
+- `userdata`: labels and experiments users save, kept beside the store file and laid over it.
 """
 
 from __future__ import annotations
@@ -63,4 +64,4 @@ class FeatureStore(Writes):
         Writers are serialised by a lock file beside the store. On an exception nothing is published.
         """
         with publishing(Path(path)) as (copy, con):
-            yield cls(copy, _con=con)
+            yield cls(copy, _con=con, _published=Path(path))

@@ -22,7 +22,9 @@ import duckdb
 
 from saelab.errors import StoreError
 from saelab.files import replacing
+from saelab.store.records import STEERING_COLUMNS
 from saelab.store.schema import ADDED_COLUMNS, DERIVED_COLUMNS, FORMAT, MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from saelab.store.userdata import KINDS, UserData, user_dir
 
 WRITING_SUFFIX = ".writing"
 
@@ -49,9 +51,7 @@ def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     except duckdb.Error as e:
         raise StoreError(f"{path} is not a readable DuckDB database: {e}") from e
     try:
-        version = _check_format(con, path, read_only)
-        if read_only:
-            _add_missing_columns(con, version)
+        _check_format(con, path, read_only)
     except BaseException:
         con.close()
         raise
@@ -85,21 +85,64 @@ def _check_format(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -
     return version
 
 
-def _add_missing_columns(con: duckdb.DuckDBPyConnection, version: int) -> None:
-    """Shadow each table of a schema-`version` store (attached as `store`) that later versions added
-    columns to with a temporary view that adds them as NULL: readers do not migrate, yet query the
-    current columns."""
-    added: dict[str, dict[str, str]] = {}
+def _source(table: str, version: int) -> str:
+    """`table` of a schema-`version` store (attached as `store`) as readers query it: the columns that
+    later versions added appear as NULL (or derived from the old rows), since readers do not migrate."""
+    added: dict[str, str] = {}
     for v in range(version + 1, SCHEMA_VERSION + 1):
-        for table, cols in ADDED_COLUMNS.get(v, {}).items():
-            added.setdefault(table, {}).update(cols)
+        added.update(ADDED_COLUMNS.get(v, {}).get(table, {}))
     if not added:
-        return
-    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    for table, cols in added.items():
-        if table in tables:  # tables added since are absent, and readers check for those
-            nulls = ", ".join(f"{DERIVED_COLUMNS.get(name, 'NULL')}::{typ} AS {name}" for name, typ in cols.items())
-            con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {nulls} FROM store.main.{table}")
+        return f"store.main.{table}"
+    cols = ", ".join(f"{DERIVED_COLUMNS.get(name, 'NULL')}::{typ} AS {name}" for name, typ in added.items())
+    return f"(SELECT *, {cols} FROM store.main.{table})"
+
+
+def _stored_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    rows = con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'store'").fetchall()
+    return {r[0] for r in rows}
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, version: int, user: UserData) -> None:
+    """Shadow the store's tables (attached as `store`) with temporary views, so reads query the current
+    schema with the user data (`saelab.store.userdata`) laid over the analysis: the latest saved label
+    of each feature replaces its stored one, and saved experiments join (or replace) stored ones."""
+    stored = _stored_tables(con)
+    for table in {t for v in range(version + 1, SCHEMA_VERSION + 1) for t in ADDED_COLUMNS.get(v, {})} & stored:
+        if table != "features":  # the labels' view below covers it
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * FROM {_source(table, version)}")
+    for kind in KINDS:
+        con.register("_saved", user.read(kind))
+        try:
+            if kind == "labels":
+                con.execute(
+                    "CREATE OR REPLACE TEMP TABLE user_labels AS SELECT sae_id, feature, label FROM _saved"
+                    " QUALIFY row_number() OVER (PARTITION BY sae_id, feature ORDER BY save_id DESC) = 1"
+                )
+            else:
+                # DISTINCT: a reader that raced a merge may read a save twice, in its file and the merged one.
+                con.execute(
+                    "CREATE OR REPLACE TEMP TABLE user_experiments AS SELECT DISTINCT * EXCLUDE (save_id)"
+                    " FROM _saved QUALIFY save_id = max(save_id) OVER (PARTITION BY sae_id, experiment)"
+                )
+        finally:
+            con.unregister("_saved")
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW features AS SELECT f.* REPLACE"
+        " (CASE WHEN u.sae_id IS NULL THEN f.label ELSE u.label END AS label)"
+        f" FROM {_source('features', version)} f"
+        " LEFT JOIN user_labels u ON u.sae_id = f.sae_id AND u.feature = f.feature"
+    )
+    cols = ", ".join(STEERING_COLUMNS)
+    saved = f"SELECT sae_id, experiment, {cols}, saved_at AS created_at, settings FROM user_experiments"
+    saved += " WHERE NOT deleted"
+    if "steering" in stored:
+        saved = (
+            f"SELECT sae_id, experiment, {cols}, created_at, NULL::VARCHAR AS settings FROM store.main.steering s"
+            " WHERE NOT EXISTS (SELECT 1 FROM user_experiments u"
+            " WHERE u.sae_id = s.sae_id AND u.experiment = s.experiment)"
+            f" UNION ALL {saved}"
+        )
+    con.execute(f"CREATE OR REPLACE TEMP VIEW steering AS {saved}")
 
 
 def _file_id(path: Path) -> tuple[int, int]:
@@ -134,28 +177,37 @@ def publishing(path: Path) -> Iterator[tuple[Path, duckdb.DuckDBPyConnection]]:
 
 
 class Connection:
-    """A store file's connection: read-only, reopened when a writer publishes a new file; or a
-    writer's connection to its private copy (`_con` given)."""
+    """A store file's connection: read-only, reopened when a writer publishes a new file, with the
+    user data laid over it; or a writer's connection to its private copy (`_con` given) of the store
+    published at `_published`."""
 
-    def __init__(self, path: str | Path, _con: duckdb.DuckDBPyConnection | None = None):
+    def __init__(self, path: str | Path, _con: duckdb.DuckDBPyConnection | None = None, _published: Path | None = None):
         self.path = Path(path)
         self.writable = _con is not None
+        self.user = UserData(user_dir(_published or self.path))
         self._con = _con or connect(self.path, read_only=True)
         self._file = None if self.writable else _file_id(self.path)
+        self._saves: tuple | None = None
         self._vocab: dict[str, list[str]] = {}
         self._tables: set[str] | None = None
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
-        """The connection, reopened first if a writer has published a new file since the last read."""
+        """The connection, reopened first if a writer has published a new file since the last read, and
+        with the user data read again if anything was saved since."""
         if not self.writable:
             current = _file_id(self.path)
             if current != self._file:
                 self._con.close()
                 self._con = connect(self.path, read_only=True)
-                self._file = current
+                self._file, self._saves = current, None
                 self._vocab.clear()
                 self._tables = None
+            saves = self.user.listing()
+            if saves != self._saves:
+                (version,) = self._con.execute("SELECT value FROM saelab_meta WHERE key = 'schema_version'").fetchone()
+                _create_views(self._con, int(version), self.user)
+                self._saves, self._tables = saves, None
         return self._con
 
     def close(self) -> None:

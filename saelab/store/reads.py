@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,17 @@ class Reads(Connection):
             " ORDER BY feature, strength",
             [sae_id, experiment],
         )
+
+    def steering_settings(self, sae_id: str, experiment: str) -> dict[str, Any]:
+        """The settings an experiment was saved with (empty for experiments saved without, or before
+        user data existed)."""
+        self.steering(sae_id, experiment)  # a clear error if there is none
+        if self.writable:
+            return {}  # a writer's connection sees the store file alone
+        (text,) = self._rows(
+            "SELECT any_value(settings) FROM steering WHERE sae_id = ? AND experiment = ?", [sae_id, experiment]
+        )[0]
+        return json.loads(text) if text else {}
 
     def export_parquet(self, out_dir: str | Path) -> list[Path]:
         """Write every table to `out_dir/<table>.parquet`; returns the files written."""

@@ -13,6 +13,7 @@ from saelab.errors import StoreError
 from saelab.store.reads import Reads
 from saelab.store.records import SAE_COLUMNS, STEERING_COLUMNS
 from saelab.store.schema import JSON_COLUMNS, PER_SAE_TABLES, TABLES
+from saelab.store.userdata import settings_json
 
 
 def list_column(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
@@ -67,22 +68,42 @@ class Writes(Reads):
         self._vocab.pop(model, None)
 
     def set_label(self, sae_id: str, feature: int, label: str | None) -> None:
-        """Attach a human-readable label to a feature (searched by `search`)."""
-        self._require_writable()
+        """Label a feature (searched by `search`); None removes the label. Saved as user data beside the
+        store (`saelab.store.userdata`), so it works on a read-only store, takes milliseconds, and
+        outlives later analyses that republish the store."""
         feature = self._check_feature(sae_id, feature)
-        self._con.execute("UPDATE features SET label = ? WHERE sae_id = ? AND feature = ?", [label, sae_id, feature])
+        if label is not None and not isinstance(label, str):
+            raise StoreError(f"a label is text, got {type(label).__name__}")
+        self.user.append("labels", {"sae_id": [sae_id], "feature": [feature], "label": [label]})
 
-    def put_steering(self, sae_id: str, experiment: str, df: Any) -> None:
-        """Store a `saelab.steering.sweep` DataFrame as `experiment`, replacing one of the same name."""
-        self._require_writable()
+    def put_steering(self, sae_id: str, experiment: str, df: Any, settings: dict[str, Any] | None = None) -> None:
+        """Save a `saelab.steering.sweep` DataFrame as `experiment` (replacing one of the same name), with
+        the `settings` that produced it (JSON data, e.g. the app's steering parameters). Saved as user
+        data, as `set_label` is."""
         self.sae(sae_id)
-        cols = [c for c in STEERING_COLUMNS if c in df.columns]
-        missing = {"feature", "strength", "kind"} - set(cols)
-        if missing:
-            raise StoreError(f"steering results need columns {sorted(missing)}")
-        self._con.execute("DELETE FROM steering WHERE sae_id = ? AND experiment = ?", [sae_id, experiment])
-        table = pa.Table.from_pandas(df[cols], preserve_index=False)
-        table = table.append_column("sae_id", pa.array([sae_id] * len(df), pa.string()))
-        table = table.append_column("experiment", pa.array([experiment] * len(df), pa.string()))
-        table = table.append_column("created_at", pa.array([datetime.now()] * len(df), pa.timestamp("us")))
-        self.append("steering", table)
+        if not isinstance(experiment, str) or not experiment.strip():
+            raise StoreError("name the experiment (a non-empty string)")
+        missing = {"feature", "strength", "kind"} - set(df.columns)
+        if missing or df.empty:
+            raise StoreError(f"steering results need rows with columns {sorted({'feature', 'strength', 'kind'})}")
+        n = len(df)
+        rows = {c: df[c].tolist() for c in STEERING_COLUMNS if c in df.columns}
+        self.user.append(
+            "experiments",
+            rows
+            | {
+                "sae_id": [sae_id] * n,
+                "experiment": [experiment] * n,
+                "deleted": [False] * n,
+                "settings": [settings_json(settings)] * n,
+                "saved_at": [datetime.now()] * n,
+            },
+        )
+
+    def delete_steering(self, sae_id: str, experiment: str) -> None:
+        """Remove a saved (or stored) steering experiment."""
+        self.steering(sae_id, experiment)  # a clear error if there is none
+        self.user.append(
+            "experiments",
+            {"sae_id": [sae_id], "experiment": [experiment], "deleted": [True], "saved_at": [datetime.now()]},
+        )
