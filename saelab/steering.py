@@ -36,6 +36,7 @@ from saelab.models import LanguageModel
 from saelab.nexttoken import NextTokenLoss
 from saelab.results import SteeringEffect
 from saelab.sae import SAE
+from saelab.store.records import BASELINE_KIND
 
 Features = int | Sequence[int]
 Amounts = float | Sequence[float]
@@ -76,6 +77,40 @@ def _hook_of(sae: SAE, hook_name: str | None) -> str:
     return hook
 
 
+def _in_units(amounts: list[float], ids: list[int], units: str, max_acts: Any, sae: SAE) -> Tensor:
+    """Amounts as activations: as given (`units="raw"`), or times each feature's max activation ("max")."""
+    out = torch.tensor(amounts, dtype=sae.W_dec.dtype)
+    if units == "max":
+        if max_acts is None:
+            raise DataError("units='max' needs max_acts (for example FeatureStore.max_acts(sae_id))")
+        maxes = torch.as_tensor(max_acts, dtype=out.dtype)
+        if maxes.shape != (sae.d_sae,):
+            raise DataError(f"max_acts must have shape [{sae.d_sae}], got {tuple(maxes.shape)}")
+        out = out * maxes[ids].nan_to_num(0.0)
+    elif units != "raw":
+        raise DataError(f"units must be 'raw' or 'max', got {units!r}")
+    return out.to(sae.W_dec.device)
+
+
+def _directions(sae: SAE, ids: list[int], source: int | None) -> Tensor:
+    """Decoder directions [len(ids), d] in the model's units; for a crosscoder `source`, that source's part."""
+    dirs = sae.decoder_directions()[ids]
+    if source is None:
+        return dirs
+    n = sae.cfg.n_sources
+    if n < 2:
+        raise DataError("source= picks one source of a crosscoder; this SAE reads one source")
+    if not 0 <= source < n:
+        raise DataError(f"source {source} is out of range: the crosscoder reads sources 0 .. {n - 1}")
+    d = sae.cfg.d_in
+    return dirs[:, source * d : (source + 1) * d]
+
+
+def _sae_width(iv: Any) -> int:
+    """Width of the hook an SAE intervention acts on: the SAE's input, or one crosscoder source's."""
+    return iv.sae.cfg.d_in if getattr(iv, "source", None) is not None else iv.sae.d_in
+
+
 @dataclass(frozen=True)
 class Add:
     """Add `strength` x each feature's decoder direction (see the module docstring for `units`)."""
@@ -88,25 +123,23 @@ class Add:
     max_acts: Any = None
     """Per-feature max activations [d_sae] for units='max' (`FeatureStore.max_acts(sae_id)`)."""
     hook_name: str | None = None
+    source: int | None = None
+    """Crosscoders: add the latents' decoder directions for this source only, at its hook (`hook_name`)
+    in its model, to steer one of the models a crosscoder reads."""
 
     def hook(self) -> str:
         """Hook point this intervention acts on."""
+        if self.source is not None:  # a source's hook; the crosscoder's cfg names only the first
+            if not self.hook_name:
+                raise DataError("steering one crosscoder source needs that source's hook_name")
+            return self.hook_name
         return _hook_of(self.sae, self.hook_name)
 
     def delta(self) -> Tensor:
         """The vector [d_in] added at every ordinary token."""
         ids = _feature_ids(self.sae, self.features)
-        amounts = torch.tensor(_amounts(self.strength, len(ids), "strength"), dtype=self.sae.W_dec.dtype)
-        if self.units == "max":
-            if self.max_acts is None:
-                raise DataError("units='max' needs max_acts (for example FeatureStore.max_acts(sae_id))")
-            maxes = torch.as_tensor(self.max_acts, dtype=amounts.dtype)
-            if maxes.shape != (self.sae.d_sae,):
-                raise DataError(f"max_acts must have shape [{self.sae.d_sae}], got {tuple(maxes.shape)}")
-            amounts = amounts * maxes[ids].nan_to_num(0.0)
-        elif self.units != "raw":
-            raise DataError(f"units must be 'raw' or 'max', got {self.units!r}")
-        return amounts.to(self.sae.W_dec.device) @ self.sae.decoder_directions()[ids]
+        amounts = _in_units(_amounts(self.strength, len(ids), "strength"), ids, self.units, self.max_acts, self.sae)
+        return amounts @ _directions(self.sae, ids, self.source)
 
     def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
         """Validate once and return the function applied at every forward pass."""
@@ -130,6 +163,9 @@ class Clamp:
     features: Features
     values: Amounts
     hook_name: str | None = None
+    units: str = "raw"
+    """'raw' (activations) or 'max' (multiples of each feature's max activation, as for `Add`)."""
+    max_acts: Any = None
 
     def hook(self) -> str:
         """Hook point this intervention acts on."""
@@ -143,7 +179,7 @@ class Clamp:
             raise DataError(
                 f"clamp values must be >= 0 for a {self.sae.cfg.sparsifier} SAE (its features never go negative)"
             )
-        return ids, torch.tensor(vals, dtype=self.sae.W_dec.dtype, device=self.sae.W_dec.device)
+        return ids, _in_units(vals, ids, self.units, self.max_acts, self.sae)
 
     def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
         """Validate once and return the function applied at every forward pass."""
@@ -215,9 +251,8 @@ def _prepare(model: LanguageModel, interventions: Sequence[Intervention]) -> Pre
     for iv in interventions:
         hook = iv.hook()
         width = model.hook_width(hook)
-        sae = getattr(iv, "sae", None)
-        if sae is not None and width != sae.d_in:
-            raise DataError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} (width {width})")
+        if getattr(iv, "sae", None) is not None and width != _sae_width(iv):
+            raise DataError(f"SAE input width {_sae_width(iv)} does not match hook {hook!r} (width {width})")
         by_hook.setdefault(hook, []).append(iv.prepare(width))
     return by_hook
 
@@ -306,23 +341,40 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> str:
-    """Continue `prompt` (greedy when temperature is 0, else sampled with `seed`); returns the new text."""
-    tokens = torch.tensor([model.tokenize([prompt])[0]])
-    if tokens.numel() == 0:
+    """Continue `prompt` (greedy when temperature is 0, else sampled with `seed`); returns the new text.
+
+    Stops at EOS. Earlier positions' keys and values are cached (`LanguageModel.incremental_forward`),
+    so each new token costs a pass over that token alone, and the interventions see only the new
+    positions. That gives the tokens of rerunning the whole sequence for every token because each
+    intervention changes a position from that position's activations alone; a `Clamp` through an SAE
+    whose codes depend on the rest of the batch (mutualchoice, or batchtopk / featurechoice in training
+    mode) is not such an intervention, and then every token reruns the whole sequence, as it was defined.
+    """
+    ids = model.tokenize([prompt])[0]
+    if not ids:
         raise DataError("empty prompt")
-    n_prompt = tokens.shape[1]
+    model.check_length(len(ids) + max_new_tokens, f"the prompt with {max_new_tokens} new tokens")
+    step = model.incremental_forward(use_cache=all(_acts_per_position(iv) for iv in interventions))
     gen = torch.Generator().manual_seed(seed)
-    with intervene(model, interventions):
-        for _ in range(max_new_tokens):
-            logits = model.run_with_hooks(tokens)[0, -1].float().cpu()
+    new: list[int] = []
+    pending = torch.tensor([ids])  # tokens not yet run: the prompt, then the latest token
+    with torch.no_grad(), intervene(model, interventions):
+        while len(new) < max_new_tokens:
+            logits = step(pending)[0, -1].float().cpu()
             if temperature > 0:
-                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)
+                nxt = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen))
             else:
-                nxt = logits.argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt[None]], dim=1)
-            if int(nxt) == model.tokenizer.eos_token_id:
+                nxt = int(logits.argmax(-1))
+            new.append(nxt)
+            if nxt == model.tokenizer.eos_token_id:
                 break
-    return model.tokenizer.decode(tokens[0, n_prompt:])
+            pending = torch.tensor([[nxt]])
+    return model.tokenizer.decode(new)
+
+
+def _acts_per_position(iv: Intervention) -> bool:
+    """Whether `iv` changes each position from that position's activations alone (see `generate`)."""
+    return not isinstance(iv, Clamp) or iv.sae.sparsifier.codes_tokens_alone
 
 
 def side_by_side(
@@ -393,10 +445,26 @@ def steering_effects(
 
 
 @torch.no_grad()
-def promoted_tokens(model: LanguageModel, sae: SAE, feature: int, n: int = 5) -> list[int]:
-    """Token ids the feature's decoder direction most promotes through the unembedding."""
+def promoted_tokens(model: LanguageModel, sae: SAE, feature: int, n: int = 5, source: int | None = None) -> list[int]:
+    """Token ids the feature's decoder direction (a crosscoder's: in `source`) most promotes through the
+    unembedding."""
     (f,) = _feature_ids(sae, feature)
-    return model.direction_logits(sae.decoder_directions()[[f]]).topk(n, dim=-1).indices[0].tolist()
+    return model.direction_logits(_directions(sae, [f], source)).topk(n, dim=-1).indices[0].tolist()
+
+
+def parse_targets(model: LanguageModel, text: str) -> list[int] | None:
+    """Token ids of target tokens written `' king| queen'` ('|'-separated, spaces kept: they are part of
+    the token); None when none are given. Each must be one token of the model's vocabulary."""
+    ids = []
+    for piece in filter(None, text.split("|")):
+        (tokens,) = model.tokenize([piece])
+        if len(tokens) != 1:
+            raise DataError(
+                f"target {piece!r} is {len(tokens)} tokens in {model.name} "
+                f"({[model.tokenizer.decode([t]) for t in tokens]}); give single tokens"
+            )
+        ids.append(tokens[0])
+    return ids or None
 
 
 def sweep(
@@ -410,31 +478,54 @@ def sweep(
     max_acts: Any = None,
     n_targets: int = 5,
     batch_size: int = 4,
+    targets: Sequence[int] | None = None,
+    baseline: Tensor | None = None,
+    source: int | None = None,
+    hook_name: str | None = None,
 ) -> Any:
-    """Steer with each feature at each strength; a tidy DataFrame with one row per (feature, strength).
+    """Steer with each feature at each strength; a tidy DataFrame with one row per (kind, feature, strength).
 
-    kind 'add' adds strength x the decoder direction (`units` as in `Add`); 'clamp' sets the feature
-    to `strength` through the SAE. Targets are each feature's `n_targets` most promoted tokens.
+    kind 'add' adds strength x the decoder direction, 'clamp' sets the feature to strength (both in
+    `units`, as in `Add`), 'ablate' zeroes it (one row per feature, strength 0). The effect is measured
+    on `targets` (token ids), else on each feature's `n_targets` most promoted tokens. With a `baseline`
+    vector [d] (e.g. `diff_in_means`), rows of kind `BASELINE_KIND` add it at each strength, scaled per
+    feature to the size of that feature's direction at strength 1 in `units`: the two compared at equal
+    intervention size. `source` / `hook_name` steer one source of a crosscoder (kind 'add', as `Add`).
     """
     import pandas as pd
 
-    if kind not in ("add", "clamp"):
-        raise DataError(f"kind must be 'add' or 'clamp', got {kind!r}")
+    if kind not in ("add", "clamp", "ablate"):
+        raise DataError(f"kind must be 'add', 'clamp' or 'ablate', got {kind!r}")
+    if source is not None and kind != "add":
+        raise DataError("a crosscoder source can only be steered with 'add' (clamping needs every source at once)")
     ids = _feature_ids(sae, list(features))
-    _amounts(list(strengths), len(strengths), "strength")
+    strengths = [0.0] if kind == "ablate" else _amounts(list(strengths), len(strengths), "strength")
+    if not strengths:
+        raise DataError("give at least one strength")
+    hook = hook_name or _hook_of(sae, None)
     settings: dict[Any, list[Intervention]] = {}
-    targets: dict[Any, list[int]] = {}
+    aims: dict[Any, list[int]] = {}
     for f in ids:
+        aim = list(targets) if targets else promoted_tokens(model, sae, f, n_targets, source)
         for s in strengths:
-            iv = Add(sae, f, s, units, max_acts) if kind == "add" else Clamp(sae, f, s)
-            settings[(f, s)] = [iv]
-            targets[(f, s)] = promoted_tokens(model, sae, f, n_targets)
-    effects = steering_effects(model, sequences, settings, targets, batch_size)
+            if kind == "add":
+                iv: Intervention = Add(sae, f, s, units, max_acts, hook_name, source)
+            else:
+                iv = Clamp(sae, f, s, hook_name, units, max_acts)
+            settings[(kind, f, s)], aims[(kind, f, s)] = [iv], aim
+        if baseline is not None:
+            if kind == "ablate":
+                raise DataError("the difference-in-means baseline is compared with 'add' or 'clamp' sweeps")
+            size = _in_units([1.0], [f], units, max_acts, sae) @ _directions(sae, [f], source)
+            vector = baseline.to(size) * (size.norm() / baseline.norm().clamp_min(1e-12))
+            for s in strengths:
+                settings[(BASELINE_KIND, f, s)], aims[(BASELINE_KIND, f, s)] = [AddVector(hook, vector, s)], aim
+    effects = steering_effects(model, sequences, settings, aims, batch_size)
     vocab = model.tokenizer
     rows = [
-        {"feature": f, "strength": s, "kind": kind, "units": units if kind == "add" else "raw"}
-        | effects[(f, s)].to_dict()
-        | {"targets": "|".join(vocab.decode([t]) for t in targets[(f, s)])}
-        for f, s in settings
+        {"feature": f, "strength": s, "kind": k, "units": units}
+        | effects[(k, f, s)].to_dict()
+        | {"targets": "|".join(vocab.decode([t]) for t in aims[(k, f, s)])}
+        for k, f, s in settings
     ]
     return pd.DataFrame(rows)

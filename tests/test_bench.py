@@ -15,3 +15,12 @@ def test_store_query_bench_runs() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| feature dashboard | 5 |" in done.stdout
     assert "| feature-list page (50 rows) | 5 |" in done.stdout
+
+
+def test_generate_bench_runs(tiny_model_dir) -> None:
+    cmd = [sys.executable, str(ROOT / "bench" / "generate.py"), "--model", str(tiny_model_dir), "--no-save"]
+    cmd += ["--hook", "blocks.0.hook_resid_post", "--new-tokens", "6", "--repeats", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| saelab generate")]
+    assert len(rows) == 4 and all(row.endswith("| yes |") for row in rows)

@@ -41,3 +41,37 @@ def test_splice_hook_replaces_activation(tiny_model) -> None:
     zeroed = tiny_model.run_with_hooks(toks, [("blocks.0.hook_resid_post", lambda a, hook: torch.zeros_like(a))])
     torch.testing.assert_close(same, clean)
     assert (zeroed - clean).abs().max() > 1e-3
+
+
+def test_incremental_forward_gives_the_logits_of_a_full_pass(tiny_model) -> None:
+    ids = torch.tensor([tiny_model.tokenize(["To be, or not to be, that is the question"])[0][:10]])
+    full = tiny_model.run_with_hooks(ids)
+    for use_cache in (True, False):
+        step = tiny_model.incremental_forward(use_cache)
+        seen: list[int] = []
+        with tiny_model.hooked([("blocks.1.hook_resid_post", lambda act, hook, seen=seen: seen.append(act.shape[1]))]):
+            parts = [step(ids[:, :6]), step(ids[:, 6:7]), step(ids[:, 7:10])]
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+        assert seen == ([6, 1, 3] if use_cache else [6, 7, 10])  # the cache runs only the new positions
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="TransformerLens 3's HookedTransformer only")
+def test_tl3_weights_are_stored_as_its_forward_reads_them(tiny_model) -> None:
+    import copy
+
+    from torch.profiler import profile
+
+    toks = torch.tensor([[3, 4, 5, 6]])
+    plain = copy.deepcopy(tiny_model.tl)
+    for p in plain.parameters():
+        p.data = p.data.contiguous()
+    assert torch.equal(tiny_model.tl(toks), plain(toks))  # the same numbers, bit for bit
+
+    def weight_copies(model) -> int:
+        weights = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1].lstrip("_").startswith("W_")]
+        shapes = {tuple(sorted(p.shape)) for p in weights}
+        with profile(record_shapes=True) as prof:
+            model(toks)
+        return sum(e.name == "aten::copy_" and tuple(sorted(e.input_shapes[0])) in shapes for e in prof.events())
+
+    assert weight_copies(plain) > 0 and weight_copies(tiny_model.tl) == 0

@@ -48,3 +48,22 @@ def test_skipped_tokens_get_no_features(run) -> None:
     assert not any(got.kept) and (got.indices == -1).all() and got.active(0) == []
     with pytest.raises(DataError, match="out of range"):
         got.active(len(got.token_ids))
+
+
+def test_a_crosscoder_latent_is_split_by_source(app_store) -> None:
+    with FeatureStore(app_store) as fs:
+        cc = RunDir(fs.sae("cc").run_dir).load()
+    got = run_prompt(cc.sae, cc.sources, PROMPT)
+    assert got.source_parts is not None and got.source_parts.shape == (*got.indices.shape, 2)
+    (ids,) = cc.sources[0][0].tokenize([PROMPT])
+    acts = torch.stack([m.activations(torch.tensor([ids]), h)[0].float() for m, h in cc.sources], dim=1)
+    with torch.no_grad():
+        pre = cc.sae.pre_acts(acts).numpy()
+    t, j = np.argwhere(got.indices >= 0)[0]
+    f = got.indices[t, j]
+    # The two sources' parts and the bias make up the latent's pre-activation.
+    np.testing.assert_allclose(
+        got.source_parts[t, j].sum() + float(cc.sae.b_enc.detach()[f]), pre[t, f], rtol=1e-4, atol=1e-5
+    )
+    parts = got.feature_parts(int(f))
+    assert parts.shape == (len(ids), 2) and np.all(parts[got.feature(int(f)) == 0] == 0)

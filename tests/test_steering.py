@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from saelab import SAE, SAEConfig
+from saelab.models import LanguageModel
 from saelab.steering import (
     Ablate,
     Add,
@@ -26,9 +27,9 @@ from saelab.steering import (
 HOOK = "blocks.1.hook_resid_post"
 
 
-def make_sae(sparsifier: str = "topk", seed: int = 0) -> SAE:
+def make_sae(sparsifier: str = "topk", seed: int = 0, hook: str = HOOK) -> SAE:
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=32, d_sae=40, sparsifier=sparsifier, k=4, hook_name=HOOK))
+    sae = SAE(SAEConfig(d_in=32, d_sae=40, sparsifier=sparsifier, k=4, hook_name=hook))
     with torch.no_grad():
         sae.act_scale.fill_(0.5)  # so the tests see act_scale in every formula
     return sae.requires_grad_(False)
@@ -119,6 +120,91 @@ def test_diff_in_means_and_generation(tiny_model) -> None:
     rows = side_by_side(tiny_model, ["To be", "Now is"], [AddVector(HOOK, v, 40.0)], max_new_tokens=6)
     assert [r["prompt"] for r in rows] == ["To be", "Now is"]
     assert rows[0]["clean"] == generate(tiny_model, "To be", 6)
+
+
+FIRST = "blocks.0.hook_resid_post"
+"""Steering below the last layer changes the keys and values later tokens attend to, so a cache that
+kept the unsteered ones would show."""
+
+
+def full_recompute_generate(model, prompt, max_new_tokens, interventions=(), temperature=0.0, seed=0) -> str:
+    """Reference: the generation loop without a key-value cache, a full pass over the whole sequence per token."""
+    tokens = torch.tensor([model.tokenize([prompt])[0]])
+    n_prompt = tokens.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    with intervene(model, interventions):
+        for _ in range(max_new_tokens):
+            logits = model.run_with_hooks(tokens)[0, -1].float().cpu()
+            if temperature > 0:
+                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt[None]], dim=1)
+            if int(nxt) == model.tokenizer.eos_token_id:
+                break
+    return model.tokenizer.decode(tokens[0, n_prompt:])
+
+
+STEERING = {
+    "none": lambda: [],
+    "add": lambda: [Add(make_sae(hook=FIRST), [3, 11], [6.0, -4.0])],
+    "clamp": lambda: [Clamp(make_sae(hook=FIRST), [5, 17], 4.0)],
+    "add vector": lambda: [AddVector(FIRST, torch.randn(32, generator=torch.Generator().manual_seed(1)), 3.0)],
+    "two layers": lambda: [Ablate(make_sae(hook=FIRST), range(0, 40, 2)), Add(make_sae(), 7, 8.0)],
+    # Its codes depend on the whole batch, so generation reruns the whole sequence per token.
+    "clamp mutualchoice": lambda: [Clamp(make_sae("mutualchoice", hook=FIRST), [5, 17], 4.0)],
+}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("setting", list(STEERING))
+def test_generation_equals_a_full_recompute_per_token(tiny_model, setting, temperature) -> None:
+    prompt, n = "To be, or not to be, that is", 40
+    interventions = STEERING[setting]()
+    got = generate(tiny_model, prompt, n, interventions, temperature, seed=7)
+    assert got == full_recompute_generate(tiny_model, prompt, n, interventions, temperature, seed=7)
+    assert len(tiny_model.tokenize([got])[0]) >= n // 2  # a real continuation, not an early EOS
+    if setting != "none" and temperature == 0:  # the steering shows, so hooks missing from the cache would too
+        assert got != generate(tiny_model, prompt, n)
+
+
+def test_generation_after_an_eos_in_the_prompt(tiny_model) -> None:
+    # The pad id is EOS here: a cache fed the prompt alone must not take its last token for padding.
+    prompt = "To be, or not to be" + tiny_model.tokenizer.eos_token
+    assert tiny_model.tokenize([prompt])[0][-1] == tiny_model.tokenizer.eos_token_id
+    assert generate(tiny_model, prompt, 20) == full_recompute_generate(tiny_model, prompt, 20)
+
+
+def positions_per_pass(model, prompt: str, n: int, interventions=()) -> list[int]:
+    """How many positions each forward pass of `generate` runs (read by a hook on the last block)."""
+    seen = []
+    with model.hooked([(HOOK, lambda act, hook: seen.append(act.shape[1]))]):
+        generate(model, prompt, n, interventions)
+    return seen
+
+
+def test_generation_runs_each_new_token_alone(tiny_model) -> None:
+    n_prompt = len(tiny_model.tokenize(["To be, or not to be"])[0])
+    assert positions_per_pass(tiny_model, "To be, or not to be", 6) == [n_prompt] + [1] * 5
+    # A batchtopk SAE codes each token alone at inference (a threshold), but selects over the batch in training.
+    sae = make_sae("batchtopk", hook=FIRST)
+    assert positions_per_pass(tiny_model, "To be", 3, [Clamp(sae.eval(), 5, 4.0)])[1:] == [1, 1]
+    assert positions_per_pass(tiny_model, "To be", 3, [Clamp(sae.train(), 5, 4.0)])[1:] != [1, 1]
+
+
+def test_generation_without_a_working_cache_falls_back_to_full_passes(tiny_model) -> None:
+    model = LanguageModel(tiny_model.tl, "tiny with a broken cache")
+    model._cached_steps = lambda: lambda tokens: model.tl(tokens)  # forgets earlier positions
+    steering = [AddVector(FIRST, torch.ones(32), 2.0)]
+    assert generate(model, "Now is the", 20, steering) == full_recompute_generate(model, "Now is the", 20, steering)
+    n_prompt = len(model.tokenize(["Now is the"])[0])
+    assert positions_per_pass(model, "Now is the", 4) == [n_prompt, n_prompt + 1, n_prompt + 2, n_prompt + 3]
+
+
+def test_generation_edges(tiny_model) -> None:
+    assert generate(tiny_model, "To be", 0) == ""
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(tiny_model, "", 5)
 
 
 def test_sweep_table_and_store_round_trip(tiny_model, toks, tmp_path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from saelab.errors import StoreError
 from saelab.store.connection import publishing
 from saelab.store.records import (
+    BASELINE_KIND,
     DIFFING_COLUMNS,
     STEERING_COLUMNS,
     Example,
@@ -31,6 +32,7 @@ from saelab.store.schema import FORMAT, SCHEMA, SCHEMA_VERSION, SORT_KEYS, TABLE
 from saelab.store.writes import Writes, list_column
 
 __all__ = [
+    "BASELINE_KIND",
     "DIFFING_COLUMNS",
     "FORMAT",
     "SCHEMA",

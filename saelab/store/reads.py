@@ -352,7 +352,7 @@ class Reads(Connection):
             )
         return self.query(
             f"SELECT {', '.join(STEERING_COLUMNS)} FROM steering WHERE sae_id = ? AND experiment = ?"
-            " ORDER BY feature, strength",
+            " ORDER BY feature, kind, strength",
             [sae_id, experiment],
         )
 

@@ -150,3 +150,7 @@ DIFFING_COLUMNS = tuple(f.name for f in dataclasses.fields(FeatureDashboard) if 
 
 STEERING_COLUMNS = ("feature", "kind", "units", "strength", *columns(SteeringEffect), "targets")
 """Columns of a stored steering experiment: the setting, its `SteeringEffect`, the target tokens."""
+
+BASELINE_KIND = "diff_in_means"
+"""`kind` of a steering sweep's rows for the difference-in-means baseline (`saelab.steering.sweep`), beside
+'add' and 'clamp': the feature they were matched to in size, the strength in the same units."""
