@@ -5,7 +5,6 @@ Only live pages import this module (it imports torch); the browsing pages never 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from saelab.app import common
 from saelab.corpus import token_sequences
 from saelab.errors import SaelabError
 from saelab.prompt import PromptActivations, run_prompt
-from saelab.results import SteeringEffect
 from saelab.rundir import LoadedRun, RunDir
 from saelab.steering import Ablate, Add, Clamp
 from saelab.store import SAEInfo
@@ -65,31 +63,78 @@ def prompt(info: SAEInfo, text: str) -> PromptActivations:
         return _prompt(run_dir(info), text)
 
 
-def interventions(info: SAEInfo, kind: str, units: str, chosen: list[tuple[int, float]], max_acts: Any) -> list[Any]:
-    """The steering interventions for `chosen` (feature, strength) pairs: one Add, Clamp or Ablate."""
+def _source(info: SAEInfo, source: int) -> tuple[LoadedRun, Any, str]:
+    """The run, and the model and hook point of its source `source` (0 for an SAE)."""
     run = load_run(info)
-    if run.sae.cfg.n_sources > 1:
-        common.fail("Steering a crosscoder is not supported yet: choose an SAE.")
+    if not 0 <= source < len(run.sources):
+        common.fail(f"`src={source}` is out of range: {info.sae_id} reads {len(run.sources)} source(s).")
+    model, hook = run.sources[source]
+    return run, model, hook
+
+
+def _crosscoder_source(run: LoadedRun, source: int) -> int | None:
+    """`source` for `saelab.steering` (which steers one source of a crosscoder); None for an SAE."""
+    return source if run.sae.cfg.n_sources > 1 else None
+
+
+def interventions(
+    info: SAEInfo, kind: str, units: str, chosen: list[tuple[int, float]], max_acts: Any, source: int = 0
+) -> list[Any]:
+    """The steering interventions for `chosen` (feature, strength) pairs: one Add, Clamp or Ablate; for a
+    crosscoder, an Add of the latents' decoder directions in source `source`'s model."""
+    run, _, hook = _source(info, source)
     features, strengths = [f for f, _ in chosen], [v for _, v in chosen]
-    if kind == "add":
-        return [Add(run.sae, features, strengths, units=units, max_acts=max_acts)]
-    if kind == "clamp":
-        if units == "max":
-            strengths = [v * (max_acts[f] if math.isfinite(max_acts[f]) else 0.0) for f, v in chosen]
-        return [Clamp(run.sae, features, strengths)]
-    return [Ablate(run.sae, features)]
+    if run.sae.cfg.n_sources > 1 and kind != "add":
+        common.fail(
+            "A crosscoder latent can be added to either model, not clamped or ablated: its activation needs "
+            "both models' activations at once. Choose 'add'."
+        )
+    with common.errors():
+        if kind == "add":
+            return [Add(run.sae, features, strengths, units, max_acts, hook, _crosscoder_source(run, source))]
+        if kind == "clamp":
+            return [Clamp(run.sae, features, strengths, units=units, max_acts=max_acts)]
+        return [Ablate(run.sae, features)]
 
 
 def side_by_side(
-    info: SAEInfo, prompts: list[str], ivs: list[Any], max_new: int, temperature: float, seed: int
+    info: SAEInfo, prompts: list[str], ivs: list[Any], max_new: int, temperature: float, seed: int, source: int = 0
 ) -> list[dict[str, str]]:
-    """Each prompt's continuation without and with the interventions (`saelab.steering.side_by_side`)."""
-    return steering.side_by_side(load_run(info).sources[0][0], prompts, ivs, max_new, temperature, seed)
+    """Each prompt's continuation by source `source`'s model without and with the interventions."""
+    _, model, _ = _source(info, source)
+    return steering.side_by_side(model, prompts, ivs, max_new, temperature, seed)
 
 
-def cost(info: SAEInfo, ivs: list[Any], n_tokens: int) -> SteeringEffect:
-    """CE increase and KL of the interventions on `n_tokens` of the run's held-out text."""
-    run = load_run(info)
-    model = run.sources[0][0]
+def targets(info: SAEInfo, text: str, source: int = 0) -> list[int] | None:
+    """Token ids of '|'-separated target tokens (None for none given), or a message naming one that is
+    not a single token."""
+    _, model, _ = _source(info, source)
+    with common.errors():
+        return steering.parse_targets(model, text)
+
+
+def sweep(
+    info: SAEInfo,
+    features: list[int],
+    strengths: list[float],
+    kind: str,
+    units: str,
+    max_acts: Any,
+    n_tokens: int,
+    targets: list[int] | None,
+    baseline: tuple[list[str], list[str]] | None,
+    source: int = 0,
+) -> Any:
+    """`saelab.steering.sweep` on `n_tokens` of the run's held-out text, with the difference in means of
+    the `baseline` prompt sets (with, without the concept) beside the features when given."""
+    run, model, hook = _source(info, source)
     sequences = token_sequences(model, run.data, "eval", n_tokens)
-    return steering.steering_effects(model, sequences, {"steered": ivs})["steered"]
+    with common.errors():
+        vector = None
+        if baseline is not None:
+            threshold = run.sae.cfg.exclude_norm_above
+            vector = steering.diff_in_means(model, hook, *baseline, threshold, last_token_only=True)
+        return steering.sweep(
+            model, run.sae, features, strengths, sequences, kind, units, max_acts,
+            targets=targets, baseline=vector, source=_crosscoder_source(run, source), hook_name=hook,
+        )  # fmt: skip

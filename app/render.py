@@ -18,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from saelab.store import Example, FeatureDashboard
+from saelab.store import BASELINE_KIND, Example, FeatureDashboard
 
 POSITIVE = (255, 127, 14)
 NEGATIVE = (31, 119, 180)
@@ -216,6 +216,29 @@ def scaling_scatter(df: Any) -> tuple[go.Figure, int]:
         fig.update_layout({axis: {"range": [lo - pad, hi + pad]}})
         hidden |= (values < lo - pad) | (values > hi + pad)
     return _layout(fig, "nu_error (complete shrinkage)", "nu_recon (latent decoupling)", height=420), int(hidden.sum())
+
+
+def steering_frontier(df: Any) -> go.Figure:
+    """A steering sweep (`saelab.steering.sweep` rows) as effect against cost: one line per feature (and
+    one for the difference-in-means baseline), each point labelled with its strength. Up and to the
+    left is better: more change in the target tokens' log-probability per nat of KL."""
+    fig = go.Figure()
+    for (kind, feature), part in df.groupby(["kind", "feature"], sort=False):
+        part = part.sort_values("strength")
+        name = f"difference in means (for #{feature})" if kind == BASELINE_KIND else f"#{feature} ({kind})"
+        fig.add_trace(
+            go.Scatter(
+                x=part["kl"],
+                y=part["delta_logprob"],
+                text=[f"{s:g}" for s in part["strength"]],
+                mode="lines+markers+text",
+                textposition="top left",
+                name=name,
+                line={"dash": "dot"} if kind == BASELINE_KIND else None,
+                hovertemplate="strength %{text}<br>KL %{x:.4f}<br>Δ log P %{y:+.3f}<extra>" + name + "</extra>",
+            )
+        )
+    return _layout(fig, "cost: KL(clean || steered), nats per token", "effect: Δ log P(target tokens)", height=400)
 
 
 def selected_features(event: Any) -> list[int]:

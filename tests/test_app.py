@@ -142,7 +142,7 @@ def test_dashboard_shows_the_feature(store) -> None:
     ex = dash.top_examples[0]
     assert render.visible(ex.tokens[ex.index]) in said and f"{ex.act:+.3f}" in said
     assert "Band " in said and "% of firings" in said
-    at.button[1].click().run()  # Next
+    click(at, "Next")
     assert ok(at).query_params["id"] == str(f + 1) and f"feature #{f + 1}" in texts(at)
 
 
@@ -370,6 +370,14 @@ def test_inspector_lists_the_features_at_a_token(store) -> None:
     assert ok(at).dataframe[0].value["relative"].is_monotonic_decreasing
 
 
+def test_inspector_shows_a_crosscoder_latent_through_each_source(store) -> None:
+    at = ok(page(store, "views/inspect.py", sae="cc", text=PROMPT))
+    assert "through each source" in texts(at)
+    sources = FeatureStore(store).sae("cc").params["sources"]
+    table = at.dataframe[0].value
+    assert [f"from {s}" for s in sources] == [c for c in table.columns if c.startswith("from ")]
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [({"text": "To be " * 200}, "reads at most"), ({"text": "a", "tok": "7"}, None), ({"text": "   "}, "empty")],
@@ -412,6 +420,25 @@ def test_dashboard_runs_its_feature_on_a_typed_prompt(store) -> None:
     assert f"Feature #{silent} does not fire on this prompt." in texts(at)
 
 
+def click(at: AppTest, label: str) -> AppTest:
+    """Click the button labelled `label` and rerun."""
+    return next(b for b in at.button if b.label == label).click().run()
+
+
+def click_key(at: AppTest, key: str) -> AppTest:
+    """Click the button with widget key `key` and rerun."""
+    return next(b for b in at.button if b.key == key).click().run()
+
+
+@pytest.fixture
+def own_store(app_store, tmp_path, monkeypatch) -> Path:
+    """A copy of the shared store (and no saved data yet) for tests that save labels or experiments."""
+    path = tmp_path / "features.duckdb"
+    shutil.copyfile(app_store, path)
+    monkeypatch.setenv(STORE_ENV, str(path))
+    return path
+
+
 def test_steering_page_generates_side_by_side(store) -> None:
     from saelab.rundir import RunDir
     from saelab.steering import Add, generate
@@ -420,27 +447,88 @@ def test_steering_page_generates_side_by_side(store) -> None:
         run = RunDir(fs.sae("sae").run_dir).load()
         max_acts = fs.max_acts("sae")
     model = run.sources[0][0]
-    params = {"sae": "sae", "f": "5:40", "units": "raw", "prompt": "To be", "n": "8"}
-    at = ok(page(store, "views/steer.py", **params))
-    at.button[0].click().run()  # Generate
+    params = {"sae": "sae", "f": "5:40", "units": "raw", "prompt": "To be", "n": "8", "sweep": "0, 40", "tokens": "128"}
+    at = click(ok(page(store, "views/steer.py", **params)), "Generate")
     shown = [t.value for t in ok(at).text]
     clean = generate(model, "To be", 8)
     steered = generate(model, "To be", 8, [Add(run.sae, [5], [40.0], units="raw", max_acts=max_acts)])
     assert shown == [clean, steered] and clean != steered  # a strong Add changes the continuation
-    at.button[1].click().run()  # Measure the cost
-    labels = {m.label: m.value for m in ok(at).metric}
-    assert float(labels["KL(clean || steered)"]) > 0
+    measured = ok(click(at, "Measure")).dataframe[0].value
+    assert measured["strength"].tolist() == [0.0, 40.0] and set(measured["kind"]) == {"add"}
+    assert measured["kl"].iloc[0] == pytest.approx(0.0, abs=1e-6) and measured["kl"].iloc[1] > 0
+    assert measured["delta_logprob"].iloc[1] > 0  # it raises its promoted tokens' log-probability
+    assert len(at.get("plotly_chart")) == 1  # effect against KL
+
+
+def test_a_steering_sweep_with_its_baseline_is_saved_and_listed_after_a_restart(own_store) -> None:
+    params = {"sae": "sae", "f": "5:1", "units": "max", "prompt": "To be", "sweep": "0, 1, 4", "tokens": "128",
+              "targets": " the", "pos": "the king\nthe queen", "neg": "a dog\na cat"}  # fmt: skip
+    at = ok(click(page(own_store, "views/steer.py", **params), "Measure"))
+    measured = at.dataframe[0].value
+    assert sorted(set(measured["kind"])) == ["add", "diff_in_means"] and len(measured) == 6
+    assert measured["targets"].nunique() == 1 and "the" in measured["targets"].iloc[0]  # one target, ' the'
+    assert measured.groupby("kind")["kl"].max().gt(0).all()
+    at.text_input(key="save_name").input("king sweep").run()
+    ok(click_key(at, "save_experiment"))
+
+    restarted = ok(page(own_store, "views/steer.py", sae="sae"))  # a new session: nothing in memory
+    assert restarted.selectbox(key="experiment").options == ["king sweep"]
+    saved = restarted.dataframe[0].value
+    measured = measured.sort_values(["kind", "strength"])
+    assert saved[["kind", "strength"]].values.tolist() == measured[["kind", "strength"]].values.tolist()
+    assert saved["kl"].tolist() == pytest.approx(measured["kl"].tolist())
+    link = restarted.get("page_link")[0].proto
+    assert link.label == "Open its settings" and "sweep=0%2C+1%2C+4" in link.query_string
+    with FeatureStore(own_store) as fs:
+        assert fs.steering_settings("sae", "king sweep")["f"] == "5:1"
+    ok(click_key(restarted, "delete_experiment"))
+    with FeatureStore(own_store) as fs:
+        assert fs.steering_experiments("sae") == []
+
+
+def test_a_label_typed_on_the_dashboard_is_kept(own_store) -> None:
+    at = ok(page(own_store, "views/feature.py", sae="sae", id="3"))
+    at.text_input[0].input("my favourite feature")
+    ok(click(at, "Save label"))
+    again = ok(page(own_store, "views/feature.py", sae="sae", id="3"))
+    assert "my favourite feature" in [h.value for h in again.subheader]
+    listed = ok(page(own_store, "views/features.py", sae="sae", q="FAVOURITE"))
+    assert listed.dataframe[0].value["feature"].tolist()[0] == 3
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
-    [("x:1", "is not a feature id"), ("5:abc", "is not a number"), ("999:1", "out of range"), (",", "at least one")],
+    ("params", "message"),
+    [
+        ({"f": "x:1"}, "is not a feature id"),
+        ({"f": "5:abc"}, "is not a number"),
+        ({"f": "999:1"}, "out of range"),
+        ({"f": ","}, "at least one"),
+        ({"f": "5:1", "prompt": " "}, "at least one prompt"),
+    ],
 )
-def test_steering_bad_input(store, spec, message) -> None:
-    at = page(store, "views/steer.py", sae="sae", f=spec)
+def test_steering_bad_input(store, params, message) -> None:
+    at = page(store, "views/steer.py", sae="sae", **params)
     assert not at.exception and message in at.error[0].value
 
 
-def test_steering_a_crosscoder_says_it_is_not_supported(store) -> None:
-    at = page(store, "views/steer.py", sae="cc", f="1:1")
-    assert not at.exception and "crosscoder is not supported" in at.error[0].value
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"sweep": "1, x"}, "'x' is not a number"), ({"targets": " the king of"}, "give single tokens")],
+)
+def test_steering_bad_sweep_input(store, params, message) -> None:
+    at = click(page(store, "views/steer.py", sae="sae", f="5:1", tokens="128", **params), "Measure")
+    assert not at.exception and message in at.error[0].value
+
+
+def test_steering_a_prompt_longer_than_the_context_says_so(store) -> None:
+    at = click(page(store, "views/steer.py", sae="sae", f="5:1", prompt="To be " * 200), "Generate")
+    assert not at.exception and "reads at most" in at.error[0].value
+
+
+def test_steering_either_model_of_a_crosscoder(store) -> None:
+    at = ok(page(store, "views/steer.py", sae="cc", f="1:40", units="raw", src="1", prompt="To be", n="6"))
+    clean, steered = [t.value for t in ok(click(at, "Generate")).text]
+    assert clean != steered
+    assert ok(page(store, "views/steer.py", sae="cc", f="1:1", src="3")).segmented_control(key="src").value == 0
+    refused = page(store, "views/steer.py", sae="cc", f="1:1", kind="clamp")
+    assert not refused.exception and "not clamped or ablated" in refused.error[0].value

@@ -157,6 +157,16 @@ def test_app_pages_hold_no_sql_and_read_only_the_store() -> None:
         assert not re.search(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE)\s", source), f"{name} holds SQL"
 
 
+def test_page_scripts_show_no_stray_strings() -> None:
+    # Streamlit's magic writes every bare expression of a page script on the page: a string after the
+    # module docstring (say, one documenting a constant) would appear as text.
+    for name, path in modules().items():
+        if name.startswith("saelab.app.views."):
+            body = ast.parse(path.read_text()).body
+            stray = [n.lineno for n in body[1:] if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)]
+            assert not stray, f"{path}: bare strings on lines {stray} would be shown on the page"
+
+
 def test_store_and_package_import_without_torch(tmp_path) -> None:
     probe = f"""
 import sys

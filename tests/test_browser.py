@@ -1,8 +1,9 @@
 """End to end: `saelab app` on a free localhost port, read by Debian's headless chromium through Playwright.
 
 Opens the overview, the feature list, a dashboard by URL and the diffing page, checks what they
-show, hovers a token and reads its activation, types a prompt into the inspector, and saves a
-screenshot of each page (to `$SAELAB_E2E_SHOTS`, else the test's temp dir). `$SAELAB_E2E_STORE`
+show, hovers a token and reads its activation, types a prompt into the inspector, steers (one
+generation side by side and a short strength sweep), and saves a screenshot of each page (to
+`$SAELAB_E2E_SHOTS`, else the test's temp dir). `$SAELAB_E2E_STORE`
 points it at another store (the README's screenshots come from the demo store). Without chromium
 it skips, except under CI, where it fails: `.ci/run` installs the browser.
 """
@@ -110,6 +111,21 @@ def test_the_app_in_a_real_browser(served, tmp_path) -> None:
         text = _finished(page)
         assert "Features at token" in text and "text=" in page.url  # the prompt is in the shareable URL
         page.screenshot(path=shots / "inspector.png", full_page=True)
+
+        # Steer with the dashboard's feature: one generation side by side, then a short sweep.
+        page.goto(f"{base}/steer?sae={sae}&f={top.feature}:4&prompt=The%20king%20said&n=12&sweep=0,2,4&tokens=256")
+        _finished(page)
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_selector("text=unsteered", timeout=120_000)
+        text = _finished(page)
+        assert "unsteered" in text and "steered" in text
+        page.get_by_role("button", name="Measure").click()
+        page.wait_for_selector("text=Save as", timeout=180_000)
+        text = _finished(page)
+        assert "delta_logprob" in text or "KL" in text
+        page.set_viewport_size({"width": 1400, "height": 2400})  # the page scrolls inside the app's frame
+        page.screenshot(path=shots / "steering.png", full_page=True)
+        page.set_viewport_size({"width": 1400, "height": 1500})
 
         page.goto(f"{base}/feature?sae={sae}&id=-5")
         assert "out of range" in _finished(page)

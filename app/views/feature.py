@@ -29,6 +29,21 @@ st.title(f"{sae_id} · feature #{feature}")
 if s.label:
     st.subheader(s.label)
 st.caption(f"{info.model} · {info.hook_name} · {info.sparsifier} · {info.n_tokens:,} tokens analysed")
+
+
+@st.fragment
+def label_editor() -> None:
+    """Type a label and save it: it is searched in the feature list and kept across restarts and analyses."""
+    with st.form(f"label_{feature}", border=False):
+        a, b = st.columns([4, 1], vertical_alignment="bottom")
+        text = a.text_input("Label", s.label or "", max_chars=200, placeholder="what this feature stands for")
+        if b.form_submit_button("Save label", icon=":material/label:"):
+            with common.errors():
+                fs.set_label(sae_id, feature, text.strip() or None)
+            st.rerun()
+
+
+label_editor()
 st.page_link(
     common.PAGES["steer"],
     label="Steer with this feature",

@@ -56,6 +56,19 @@ st.caption(
     f"{n} tokens; colour: feature #{shown}'s activation (scaled to its max {scale:.3g}); outlined: token {position}"
     + (f"; {sum(skipped)} token(s) struck through are skipped by the SAE (massive norm)" if any(skipped) else "")
 )
+sources = info.params.get("sources") or []
+parts = acts.feature_parts(shown) if shown is not None else None
+if parts is not None:
+    st.markdown(f"**Latent #{shown} through each source**")
+    st.caption(
+        "Each source's part of the latent's encoder input on the same text (with the encoder bias they sum to its "
+        "pre-activation): which model drives the latent, token by token."
+    )
+    part_scale = float(np.abs(parts).max() or 1.0)
+    for j, col in enumerate(st.columns(parts.shape[1])):
+        col.caption(sources[j] if j < len(sources) else f"source {j}")
+        with col:
+            st.html(render.prompt_html(tokens, acts.token_ids, parts[:, j].tolist(), part_scale, peak=position))
 
 st.subheader(f"Features at token {position}: {tokens[position]!r} (id {acts.token_ids[position]})")
 if skipped[position]:
@@ -69,6 +82,9 @@ else:
         rel = v / top if top else float("nan")
         rows.append({"feature": f, "label": summary[f].label, "activation": v, "relative": rel, "density": d,
                      "density-penalised": rel * (math.log10(1 / d) if d > 0 else 0.0)})  # fmt: skip
+        if acts.source_parts is not None:  # a crosscoder: what each source puts into the latent here
+            here = acts.feature_parts(f)[position]
+            rows[-1] |= {f"from {name}": float(x) for name, x in zip(sources or range(len(here)), here, strict=False)}
     table = pd.DataFrame(rows).sort_values(rank, ascending=False, key=lambda c: c.abs() if rank == "activation" else c)
     table.insert(0, "open", [common.feature_url(sae_id, f) for f in table["feature"]])
     st.dataframe(
