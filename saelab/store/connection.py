@@ -126,12 +126,17 @@ def _create_views(con: duckdb.DuckDBPyConnection, version: int, user: UserData) 
                 )
         finally:
             con.unregister("_saved")
-    con.execute(
-        "CREATE OR REPLACE TEMP VIEW features AS SELECT f.* REPLACE"
-        " (CASE WHEN u.sae_id IS NULL THEN f.label ELSE u.label END AS label)"
-        f" FROM {_source('features', version)} f"
-        " LEFT JOIN user_labels u ON u.sae_id = f.sae_id AND u.feature = f.feature"
-    )
+    features = _source("features", version)
+    if con.execute("SELECT count(*) FROM user_labels").fetchone()[0]:
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW features AS SELECT f.* REPLACE"
+            " (CASE WHEN u.sae_id IS NULL THEN f.label ELSE u.label END AS label)"
+            f" FROM {features} f LEFT JOIN user_labels u ON u.sae_id = f.sae_id AND u.feature = f.feature"
+        )
+    elif features != "store.main.features":
+        con.execute(f"CREATE OR REPLACE TEMP VIEW features AS SELECT * FROM {features}")
+    else:  # no labels saved: no join for every query to pay (a few ms on a 65k-feature list)
+        con.execute("DROP VIEW IF EXISTS temp.main.features")
     cols = ", ".join(STEERING_COLUMNS)
     saved = f"SELECT sae_id, experiment, {cols}, saved_at AS created_at, settings FROM user_experiments"
     saved += " WHERE NOT deleted"
