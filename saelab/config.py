@@ -22,11 +22,14 @@ from typing import Any, get_type_hints
 
 from saelab.errors import ConfigError
 
-SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice")
+SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu")
 """The sparsifiers `saelab.sparsifiers` registers (it refuses to register any other name)."""
 
-K_FREE_SPARSIFIERS = frozenset({"relu"})
-"""Sparsifiers whose sparsity comes from a penalty rather than from k."""
+K_FREE_SPARSIFIERS = frozenset({"relu", "jumprelu"})
+"""Sparsifiers whose sparsity comes from a penalty or a threshold rather than from k."""
+
+INFERENCE_ONLY_SPARSIFIERS = frozenset({"jumprelu"})
+"""Sparsifiers of SAEs loaded from other libraries (`saelab.formats`) that saelab does not train yet."""
 
 SIGNED_SPARSIFIERS = frozenset({"abstopk"})
 """Sparsifiers whose features fire both ways (negative activations kept)."""
@@ -49,7 +52,8 @@ class SAEConfig:
     """Latents per input dimension, used when d_sae is 0."""
 
     sparsifier: str = "topk"
-    """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice."""
+    """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice
+    (jumprelu: SAEs loaded from other libraries, not trained here)."""
 
     k: int = 32
     """Active latents per token (top-k family); the batch-level variants spend a budget of k * batch."""
@@ -251,6 +255,11 @@ class TrainConfig:
             self.sae = from_dict(SAEConfig, self.sae, prefix="sae.")
         if isinstance(self.data, dict):
             self.data = from_dict(DataConfig, self.data, prefix="data.")
+        if self.sae.sparsifier in INFERENCE_ONLY_SPARSIFIERS:
+            raise ConfigError(
+                f"sae.sparsifier = {self.sae.sparsifier!r} loads SAEs trained by other libraries (SAE.load); "
+                "saelab does not train it yet"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.epochs <= 0:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from saelab import losses, ops
+from saelab import formats, losses, ops
 from saelab.config import SAEConfig, from_dict, to_dict
 from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.files import replacing, write_atomic
@@ -93,6 +93,8 @@ class SAE(nn.Module):
 
     multi_source: ClassVar[bool] = False
     """Whether the class reads several activation sources (`CrossCoder`)."""
+    imported_from: str | None = None
+    """Set by `load` for an SAE read from another library's files (e.g. 'SAELens 6.54.12 gated')."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -306,12 +308,20 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE written by `save`, with clear errors for missing, corrupt or mismatched files.
+        """Load an SAE written by `save`, or by SAELens, sparsify or Gemma Scope (`saelab.formats`), with
+        clear errors for missing, corrupt or mismatched files.
 
         It comes back in eval mode, ready for inference: a training-mode forward would update
         BatchTopK's threshold and other training statistics. Call `.train()` to train it further.
         """
         path = Path(path)
+        imported = formats.read(path)
+        if imported is not None:
+            sae = cls.from_config(imported.cfg)
+            check_state(sae, imported.tensors, path)
+            sae.load_state_dict(imported.tensors)
+            sae.imported_from = imported.source
+            return sae.to(device).eval()
         sae = cls.from_config(read_sae_config(path))
         load_state(sae, path / WEIGHTS_FILE)
         return sae.to(device).eval()
@@ -344,16 +354,21 @@ def load_state(module: nn.Module, weights: Path) -> None:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is truncated or corrupt ({e})") from e
+    check_state(module, tensors, weights)
+    module.load_state_dict(tensors)
+
+
+def check_state(module: nn.Module, tensors: dict[str, Tensor], where: Path) -> None:
+    """A clear error unless `tensors` has exactly `module`'s state-dict keys and shapes."""
     expected = module.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {extra}")
+        raise CheckpointError(f"{where} does not match its config: missing {missing}, unexpected {extra}")
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
             raise CheckpointError(
-                f"{weights}: {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
+                f"{where}: {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
             )
-    module.load_state_dict(tensors)
 
 
 class CrossCoder(SAE):

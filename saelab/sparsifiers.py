@@ -282,3 +282,26 @@ class MutualChoice(Sparsifier):
         fired = code.values > 0
         counts = fired.sum(0) if code.indices is None else torch.bincount(code.indices[fired], minlength=self.d_sae)
         self.firing_rate.mul_(self.momentum).add_((1 - self.momentum) * counts.float() / n)
+
+
+@register
+class JumpReLU(Sparsifier):
+    """relu(pre) where pre is above the latent's own threshold (Rajamanoharan et al. 2024).
+
+    The sparsifier of SAEs trained elsewhere: Gemma Scope, SAELens jumprelu (and its batchtopk /
+    matryoshka exports), dictionary_learning's JumpReLU and BatchTopK, and Gated SAEs, which are a
+    JumpReLU with rescaled weights. The comparison is strict (`>`), as in those libraries, and the
+    ReLU stays, so a negative threshold never lets a negative activation through.
+    """
+
+    name = "jumprelu"
+    uses_k = False
+    uses_auxk = False
+    unit_norm_decoder = False
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+
+    def forward(self, pre: Tensor) -> Code:
+        return Code(pre.relu() * (pre > self.threshold), None)

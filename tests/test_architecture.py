@@ -24,7 +24,7 @@ LAYERS = [
         "saelab.store.*",
         "saelab.app",
     ],
-    ["saelab.ops", "saelab.kernels", "saelab.kernels.*", "saelab.sparsifiers", "saelab.losses"],
+    ["saelab.ops", "saelab.kernels", "saelab.kernels.*", "saelab.sparsifiers", "saelab.losses", "saelab.formats"],
     ["saelab.sae"],
     ["saelab.models", "saelab.corpus", "saelab.activations", "saelab.rundir", "saelab.nexttoken"],
     [

@@ -16,7 +16,24 @@ def sparsifier(name: str, k: int, d_sae: int, **kw):
 
 
 def test_registry_has_every_variant() -> None:
-    assert set(SPARSIFIERS) == {"relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice"}
+    assert set(SPARSIFIERS) == {"relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu"}
+
+
+def test_jumprelu_keeps_what_clears_each_latents_own_threshold() -> None:
+    sp = sparsifier("jumprelu", k=1, d_sae=4)
+    sp.threshold.copy_(torch.tensor([0.5, 2.0, -1.0, 1.0]))
+    pre = torch.tensor([[1.0, 2.0, -0.5, 1.5], [0.5, 3.0, 0.2, 0.9]])
+    # Strictly above the threshold, and never negative (latent 2's threshold is below zero).
+    expected = torch.tensor([[1.0, 0.0, 0.0, 1.5], [0.0, 3.0, 0.2, 0.0]])
+    assert torch.equal(sp(pre).values, expected)
+
+
+def test_jumprelu_is_not_trained_here() -> None:
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not train it yet"):
+        TrainConfig(sae=SAEConfig(sparsifier="jumprelu"))
 
 
 def test_topk_keeps_largest_per_token_and_relus() -> None:

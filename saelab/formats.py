@@ -1,0 +1,244 @@
+"""Reading SAEs saved by other libraries as saelab SAEs, exactly.
+
+`SAE.load(path)` reads saelab's own directories, and through `read` these others:
+
+- **SAELens 6.x** (`cfg.json` + `sae_weights.safetensors`): standard (-> relu), topk, abstopk,
+  jumprelu (also what SAELens exports batchtopk and matryoshka SAEs as), gated (-> its exact JumpReLU
+  equivalent) and training checkpoints of batchtopk / matryoshka (their scalar threshold);
+  `apply_b_dec_to_input`, `rescale_acts_by_decoder_norm` and an `expected_average_only_in` scaling
+  factor (from `activation_scaler.json` when not folded) are honoured.
+- **sparsify** (`cfg.json` + `sae.safetensors`, one folder per hook point such as `layers.6`).
+- **Gemma Scope** (`params.npz`).
+
+Every import is a change of parameters, never an approximation: the saelab SAE computes the same
+codes and reconstructions (up to float rounding). What saelab cannot represent exactly (per-token
+input normalisation, skip connections, transcoders, group-max activations, ...) is refused with a
+message that names it. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from saelab.config import SAEConfig
+from saelab.errors import CheckpointError
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+GEMMA_SCOPE_PARAMS = "params.npz"
+
+
+@dataclass
+class Imported:
+    """An SAE read from another library's files, as saelab's config and parameters."""
+
+    cfg: SAEConfig
+    tensors: dict[str, Tensor]
+    """saelab state-dict entries: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec, act_scale,
+    and `sparsifier.threshold` for jumprelu."""
+    source: str
+    """What it was read as, e.g. 'SAELens 6.54.12 gated'."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """What the files say about where the SAE reads from (model_name, hook_name, ...)."""
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is corrupt: expected a JSON object")
+    return raw
+
+
+def _safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e})") from e
+
+
+def _need(tensors: dict[str, Tensor], names: list[str], where: Path) -> list[Tensor]:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{where} lacks {missing} (it holds {sorted(tensors)})")
+    return [tensors[n].float() for n in names]
+
+
+def read(path: str | Path) -> Imported | None:
+    """The SAE at `path` read from another library's format; None for a saelab directory (or one that
+    is none of these, which `SAE.load` then explains)."""
+    path = Path(path)
+    if path.is_file() and path.name == GEMMA_SCOPE_PARAMS:
+        return _gemma_scope(path)
+    if not path.is_dir():
+        return None
+    cfg_path = path / "cfg.json"
+    if cfg_path.is_file():
+        raw = _json(cfg_path)
+        if "saelab_format" in raw:
+            return None
+        if (path / SAELENS_WEIGHTS).is_file():
+            return _saelens(path, raw)
+        if (path / SPARSIFY_WEIGHTS).is_file():
+            return _sparsify(path, raw)
+    if (path / GEMMA_SCOPE_PARAMS).is_file():
+        return _gemma_scope(path / GEMMA_SCOPE_PARAMS)
+    inside = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
+    if inside and not cfg_path.is_file():
+        shown = ", ".join(inside[:8]) + (", ..." if len(inside) > 8 else "")
+        raise CheckpointError(f"{path} holds several SAEs ({shown}): load one of its folders, e.g. {path / inside[0]}")
+    return None
+
+
+def _centred(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, subtracts_b_dec: bool) -> Tensor:
+    """`b_enc` for saelab's encoder, which always subtracts b_dec: for a format whose encoder does not,
+    x @ W + b = (x - b_dec) @ W + (b + b_dec @ W)."""
+    return b_enc if subtracts_b_dec else b_enc + b_dec @ W_enc
+
+
+SAELENS_REFUSED_NORMS = {
+    "constant_norm_rescale": "rescales every token to norm sqrt(d_in) and back (per token, not a fixed scale)",
+    "layer_norm": "layer-normalises every token's input (a per-token map, not a fixed scale)",
+    "covariance_whitening": "whitens its input with statistics kept outside the weights",
+}
+SAELENS_ARCHITECTURES = ("standard", "topk", "abstopk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk")
+
+
+def _saelens(path: Path, raw: dict[str, Any]) -> Imported:
+    """SAELens 6.x: see the module docstring."""
+    meta = dict(raw.get("metadata") or {})
+    legacy = {"hook_point": "hook_name", "hook_name": "hook_name", "model_name": "model_name",
+              "hook_point_head_index": "hook_head_index", "hook_head_index": "hook_head_index"}  # fmt: skip
+    for old, new in legacy.items():
+        if old in raw and new not in meta:
+            meta[new] = raw[old]  # SAELens < 6 kept these at the top level
+    arch = raw.get("architecture") or ("topk" if raw.get("activation_fn_str") == "topk" else "standard")
+    where = path / "cfg.json"
+    if arch not in SAELENS_ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: SAELens architecture {arch!r} has no exact saelab equivalent "
+            f"(saelab reads {', '.join(SAELENS_ARCHITECTURES)})"
+        )
+    norm = raw.get("normalize_activations", "none")
+    if norm is True or norm is False:  # SAELens < 6
+        norm = "expected_average_only_in" if norm else "none"
+    if norm in SAELENS_REFUSED_NORMS:
+        raise CheckpointError(
+            f"{where}: normalize_activations = {norm!r} {SAELENS_REFUSED_NORMS[norm]}; "
+            "saelab cannot represent it exactly"
+        )
+    if norm not in ("none", "expected_average_only_in"):
+        raise CheckpointError(f"{where}: unknown normalize_activations = {norm!r}")
+    if raw.get("reshape_activations", "none") != "none":
+        raise CheckpointError(
+            f"{where}: reshape_activations = {raw['reshape_activations']!r} (attention heads) is not supported"
+        )
+    if meta.get("hook_head_index") is not None:
+        raise CheckpointError(f"{where}: an SAE of one attention head (hook_head_index) is not supported")
+
+    tensors = _safetensors(path / SAELENS_WEIGHTS)
+    weights = path / SAELENS_WEIGHTS
+    W_enc, W_dec, b_dec = _need(tensors, ["W_enc", "W_dec", "b_dec"], weights)
+    scale = 1.0
+    if norm == "expected_average_only_in":
+        scaler = path / "activation_scaler.json"
+        factor = _json(scaler).get("scaling_factor") if scaler.is_file() else tensors.get("scaling_factor")
+        if factor is None:
+            raise CheckpointError(
+                f"{where}: normalize_activations = 'expected_average_only_in' but its scaling factor is neither in "
+                f"{scaler.name} nor in the weights (SAELens folds it into the final SAE: load that one)"
+            )
+        scale = float(factor.reshape(-1)[0]) if isinstance(factor, Tensor) else float(factor)
+    subtracts = bool(raw.get("apply_b_dec_to_input", True))
+    threshold = None
+    if arch == "gated":
+        b_gate, r_mag, b_mag = _need(tensors, ["b_gate", "r_mag", "b_mag"], weights)
+        # Gate u + b_gate > 0, magnitude relu(u e^r + b_mag), u the encoder's x W_enc: with W' = W_enc e^r
+        # the magnitude's pre-activation is pre' = u e^r + b_mag, and the gate opens where
+        # pre' > b_mag - e^r b_gate: a JumpReLU with that threshold.
+        W_enc = W_enc * r_mag.exp()
+        b_enc = _centred(W_enc, b_mag, b_dec, subtracts)
+        threshold = b_mag - r_mag.exp() * b_gate
+    else:
+        (b_enc,) = _need(tensors, ["b_enc"], weights)
+        b_enc = _centred(W_enc, b_enc, b_dec, subtracts)
+        if arch == "jumprelu":
+            # SAELens < 6.20 trained log_threshold; saved files hold threshold, older ones may not.
+            name = "threshold" if "threshold" in tensors or "log_threshold" not in tensors else "log_threshold"
+            (threshold,) = _need(tensors, [name], weights)
+            threshold = threshold if name == "threshold" else threshold.exp()
+        elif arch in ("batchtopk", "matryoshka_batchtopk"):
+            (t,) = _need(tensors, ["topk_threshold"], weights)
+            threshold = torch.full_like(b_enc, float(t.reshape(-1)[0]))
+    if raw.get("rescale_acts_by_decoder_norm") and arch in ("topk", "abstopk", "batchtopk", "matryoshka_batchtopk"):
+        # Codes are pre-activations times each latent's decoder norm, decoded through unit rows.
+        norms = W_dec.norm(dim=1)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None].clamp_min(1e-12)
+    sparsifier = {"standard": "relu", "topk": "topk", "abstopk": "abstopk"}.get(arch, "jumprelu")
+    k = int(raw.get("k") or 1) if sparsifier in ("topk", "abstopk") else 1
+    hook = meta.get("hook_name") or ""
+    cfg = SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier=sparsifier, k=k, hook_name=hook)
+    # With an unfolded scale s, SAELens reads x s and writes its output / s: saelab's act_scale, with
+    # every other parameter in the scaled units as they are.
+    out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "act_scale": torch.tensor(scale)}
+    if threshold is not None:
+        out["sparsifier.threshold"] = threshold
+    version = meta.get("sae_lens_version", "")
+    return Imported(cfg, out, f"SAELens {version} {arch}".replace("  ", " "), meta)
+
+
+def _sparsify(path: Path, raw: dict[str, Any]) -> Imported:
+    """sparsify (EleutherAI): encoder.weight [n, d_in], encoder.bias, W_dec [n, d_in], b_dec; relu then top-k."""
+    where = path / "cfg.json"
+    for key, bad in (("activation", "groupmax"), ("skip_connection", True), ("transcode", True)):
+        if raw.get(key) == bad:
+            what = {"groupmax": "group-max activations", True: key.replace("_", " ")}[bad]
+            raise CheckpointError(f"{where}: {key} = {bad!r}: saelab has no exact equivalent of {what}")
+    weights = path / SPARSIFY_WEIGHTS
+    tensors = _safetensors(weights)
+    enc_w, enc_b, W_dec, b_dec = _need(tensors, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], weights)
+    W_enc = enc_w.T.contiguous()
+    if "k" not in raw:
+        raise CheckpointError(f"{where} gives no k")
+    # sparsify reads `layers.N` as the output of decoder layer N: TransformerLens's blocks.N.hook_resid_post.
+    m = re.fullmatch(r"(?:layers|h)\.(\d+)", path.name)
+    hook = f"blocks.{m.group(1)}.hook_resid_post" if m else ""
+    cfg = SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier="topk", k=int(raw["k"]), hook_name=hook)
+    out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": enc_b, "b_dec": b_dec, "act_scale": torch.tensor(1.0)}
+    return Imported(cfg, out, f"sparsify {path.name}", {"hook_name": hook} if hook else {})
+
+
+def _gemma_scope(path: Path) -> Imported:
+    """Gemma Scope's params.npz: a JumpReLU whose encoder does not subtract b_dec."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name.replace("w_", "W_"): torch.from_numpy(np.array(npz[name])) for name in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e})") from e
+    W_enc, W_dec, b_enc, b_dec, threshold = _need(arrays, ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"], path)
+    # Gemma Scope's residual-stream SAEs read the output of decoder layer L (`layer_L/` in the repo).
+    m = re.search(r"layer_(\d+)", str(path))
+    hook = f"blocks.{m.group(1)}.hook_resid_post" if m and "-res" in str(path) else ""
+    cfg = SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier="jumprelu", k=1, hook_name=hook)
+    out = {
+        "W_enc": W_enc,
+        "W_dec": W_dec,
+        "b_enc": _centred(W_enc, b_enc, b_dec, subtracts_b_dec=False),
+        "b_dec": b_dec,
+        "act_scale": torch.tensor(1.0),
+        "sparsifier.threshold": threshold,
+    }
+    return Imported(cfg, out, "Gemma Scope", {"hook_name": hook} if hook else {})

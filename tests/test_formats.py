@@ -1,0 +1,176 @@
+"""Loading other libraries' SAEs (saelab.formats): against the real libraries where they install
+(sparsify here; SAELens in the TransformerLens 3.x environment of `make test-tl3`), the encodings
+compared on random inputs; Gemma Scope from its published file layout; and every refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saelab import SAE
+from saelab.errors import CheckpointError
+from saelab.models import tl_major
+
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs a GPU
+
+
+def _dense(acts: torch.Tensor, idx: torch.Tensor, d_sae: int) -> torch.Tensor:
+    return torch.zeros(acts.shape[0], d_sae).scatter(1, idx, acts)
+
+
+def test_a_sparsify_sae_loads_and_encodes_the_same(tmp_path) -> None:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    coder = SparseCoder(16, SparseCoderConfig(num_latents=64, k=5))
+    with torch.no_grad():
+        coder.b_dec.normal_()
+        coder.encoder.bias.normal_(0, 0.3)
+    coder.save_to_disk(tmp_path / "layers.3")
+    sae = SAE.load(tmp_path / "layers.3")
+    assert sae.cfg.sparsifier == "topk" and sae.cfg.k == 5 and sae.cfg.hook_name == "blocks.3.hook_resid_post"
+    assert sae.imported_from == "sparsify layers.3"
+    x = torch.randn(200, 16)
+    with torch.no_grad():
+        ref = coder.encode(x)
+        theirs = _dense(ref.top_acts, ref.top_indices, 64)
+        ours = sae.encode(x)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ours != 0, theirs != 0)  # the same latents fire
+        torch.testing.assert_close(sae.decode(ours), coder.decode(ref.top_acts, ref.top_indices), rtol=1e-5, atol=1e-5)
+    # A folder of several hook points names them.
+    with pytest.raises(CheckpointError, match=r"several SAEs \(layers.3\)"):
+        SAE.load(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [("activation", "groupmax", "group-max"),
+                                                       ("skip_connection", True, "skip connection"),
+                                                       ("transcode", True, "transcode")])  # fmt: skip
+def test_sparsify_features_saelab_cannot_represent_are_refused(tmp_path, key, value, message) -> None:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    SparseCoder(8, SparseCoderConfig(num_latents=16, k=2)).save_to_disk(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text()) | {key: value}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        SAE.load(tmp_path)
+
+
+def _gemma_scope(path: Path, d_in: int = 12, d_sae: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """A params.npz laid out as Gemma Scope publishes it (google/gemma-scope-*: layer_L/width_W/average_l0_N)."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32),
+        "W_dec": rng.normal(size=(d_sae, d_in)).astype(np.float32),
+        "b_enc": rng.normal(size=d_sae).astype(np.float32),
+        "b_dec": rng.normal(size=d_in).astype(np.float32),
+        "threshold": rng.uniform(0, 2, size=d_sae).astype(np.float32),
+    }
+    path.mkdir(parents=True)
+    np.savez(path / "params.npz", **params)
+    return params
+
+
+def test_a_gemma_scope_sae_loads_as_its_jumprelu(tmp_path) -> None:
+    where = tmp_path / "gemma-scope-2b-pt-res" / "layer_7" / "width_16k" / "average_l0_20"
+    p = {k: torch.from_numpy(v) for k, v in _gemma_scope(where).items()}
+    sae = SAE.load(where)
+    assert sae.cfg.sparsifier == "jumprelu" and sae.cfg.hook_name == "blocks.7.hook_resid_post"
+    x = torch.randn(300, 12) * 3
+    pre = x @ p["W_enc"] + p["b_enc"]  # Gemma Scope's encoder does not subtract b_dec
+    want = (pre > p["threshold"]) * pre.relu()
+    with torch.no_grad():
+        got = sae.encode(x)
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sae.decode(got), want @ p["W_dec"] + p["b_dec"], rtol=1e-5, atol=1e-4)
+    assert SAE.load(where / "params.npz").cfg.d_sae == 40  # the file itself, too
+    (where / "params.npz").write_bytes((where / "params.npz").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        SAE.load(where)
+
+
+def test_saelab_directories_and_unknown_folders_still_load_or_explain(tmp_path) -> None:
+    from saelab import SAEConfig
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, k=2))
+    sae.save(tmp_path / "own")
+    assert SAE.load(tmp_path / "own").imported_from is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"cfg\.json is missing"):
+        SAE.load(tmp_path / "empty")
+
+
+# SAELens 6 needs TransformerLens 3.x: these run in the environment `make test-tl3` builds.
+saelens = pytest.mark.skipif(tl_major() >= 4, reason="SAELens runs beside TransformerLens 3.x (make test-tl3)")
+
+
+def _saelens_sae(arch: str, tmp_path: Path, **extra):
+    import sae_lens
+
+    torch.manual_seed(1)
+    kinds = {
+        "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+        "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+        "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+    }
+    cls, cfg_cls = kinds[arch]
+    cfg = cfg_cls(d_in=16, d_sae=48, **extra)
+    cfg.metadata.hook_name = "blocks.2.hook_resid_post"
+    cfg.metadata.model_name = "tiny"
+    sae = cls(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.5)
+        if arch == "jumprelu":
+            sae.threshold.uniform_(0.0, 1.0)
+    sae.save_model(tmp_path / arch)
+    return sae
+
+
+@saelens
+@pytest.mark.parametrize(
+    ("arch", "extra", "ours"),
+    [
+        ("standard", {}, "relu"),
+        ("topk", {"k": 6}, "topk"),
+        ("topk", {"k": 6, "rescale_acts_by_decoder_norm": True}, "topk"),
+        ("jumprelu", {}, "jumprelu"),
+        ("gated", {}, "jumprelu"),
+        ("standard", {"apply_b_dec_to_input": False}, "relu"),
+    ],
+)
+def test_saelens_saes_load_and_encode_the_same(tmp_path, arch, extra, ours) -> None:
+    theirs = _saelens_sae(arch, tmp_path, **extra)
+    sae = SAE.load(tmp_path / arch)
+    assert sae.cfg.sparsifier == ours and sae.cfg.hook_name == "blocks.2.hook_resid_post"
+    x = torch.randn(300, 16) * 2
+    with torch.no_grad():
+        want, got = theirs.encode(x), sae.encode(x)
+        assert torch.equal(got != 0, want != 0)  # the same latents fire
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sae.decode(got), theirs.decode(want), rtol=1e-4, atol=1e-4)
+
+
+@saelens
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"normalize_activations": "layer_norm"}, "layer-normalises"),
+        ({"normalize_activations": "constant_norm_rescale"}, "per token"),
+        ({"architecture": "transcoder"}, "no exact saelab equivalent"),
+        ({"normalize_activations": "expected_average_only_in"}, "scaling factor"),
+    ],
+)
+def test_saelens_features_saelab_cannot_represent_are_refused(tmp_path, change, message) -> None:
+    _saelens_sae("standard", tmp_path)
+    cfg = json.loads((tmp_path / "standard" / "cfg.json").read_text()) | change
+    (tmp_path / "standard" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        SAE.load(tmp_path / "standard")
