@@ -21,8 +21,15 @@ from saelab.store import SAEInfo
 
 
 @st.cache_resource(show_spinner="Loading the model and the SAE ...", max_entries=4)
-def _load(run_dir: str) -> LoadedRun:
-    return RunDir(run_dir).load()
+def _load(run_dir: str, model: str, hook: str, dataset: str) -> LoadedRun:
+    # The model and hook the store recorded: an SAE from another library may name none in its files.
+    run = RunDir(run_dir)
+    return run.load(data=run.data_config(model, hook, dataset or None))
+
+
+def _key(info: SAEInfo) -> tuple[str, str, str, str]:
+    """What `_load` loads `info`'s run by (and caches it under)."""
+    return run_dir(info), info.model, info.hook_name, info.params.get("dataset") or ""
 
 
 def run_dir(info: SAEInfo) -> str:
@@ -41,7 +48,7 @@ def load_run(info: SAEInfo) -> LoadedRun:
     if not info.run_dir:
         common.fail(f"{info.sae_id} was analysed from an SAE in memory, not a run directory: there is no model to run.")
     try:
-        return _load(run_dir(info))
+        return _load(*_key(info))
     except SaelabError as e:
         common.fail(
             f"Cannot load {info.sae_id}'s model and SAE from its run directory {info.run_dir}: {e}. "
@@ -51,8 +58,8 @@ def load_run(info: SAEInfo) -> LoadedRun:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _prompt(run_dir: str, text: str) -> PromptActivations:
-    loaded = _load(run_dir)
+def _prompt(key: tuple[str, str, str, str], text: str) -> PromptActivations:
+    loaded = _load(*key)
     return run_prompt(loaded.sae, loaded.sources, text)
 
 
@@ -60,7 +67,7 @@ def prompt(info: SAEInfo, text: str) -> PromptActivations:
     """The SAE's features at each token of `text` (cached per run and text), or a message on bad input."""
     load_run(info)
     with common.errors():
-        return _prompt(run_dir(info), text)
+        return _prompt(_key(info), text)
 
 
 def _source(info: SAEInfo, source: int) -> tuple[LoadedRun, Any, str]:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import NoReturn, get_type_hints
 
 from saelab.app import DEFAULT_STORE, MAIN, STORE_ENV
-from saelab.config import AnalysisConfig, TrainConfig, apply_overrides, field_docs, load_config
+from saelab.config import AnalysisConfig, DataConfig, TrainConfig, apply_overrides, field_docs, load_config
 from saelab.errors import SaelabError, SetupError
 
 
@@ -43,6 +43,13 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str 
         )
 
 
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """--model / --hook / --dataset: what an SAE from another library reads, where its files do not say."""
+    parser.add_argument("--model", default=None, help="model the SAE reads (default: the run's, or its metadata's)")
+    parser.add_argument("--hook", default=None, help="hook point, e.g. blocks.6.hook_resid_post (default: as above)")
+    parser.add_argument("--dataset", default=None, help="corpus to run on (default: the run's, else shakespeare)")
+
+
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from saelab.results import format_table
     from saelab.rundir import RunDir
@@ -58,11 +65,21 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> DataConfig | None:
+    """The run's data config with --model / --hook / --dataset applied (for SAEs from other libraries,
+    whose files may not say what they read), or None to use the run's own."""
+    from saelab.rundir import RunDir
+
+    if not (args.model or args.hook or args.dataset):
+        return None
+    return RunDir(args.run_dir).data_config(args.model, args.hook, args.dataset)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from saelab.evals import evaluate_run
     from saelab.results import format_table
 
-    result = evaluate_run(args.run_dir, eval_tokens=args.tokens, all_tokens=args.all_tokens)
+    result = evaluate_run(args.run_dir, data=_data(args), eval_tokens=args.tokens, all_tokens=args.all_tokens)
     if args.json:
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "density_histogram"}, indent=2))
     else:
@@ -74,7 +91,7 @@ def _cmd_analyze(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from saelab.analysis import analyze
 
     cfg = apply_overrides(AnalysisConfig(), overrides)
-    info = analyze(args.run_dir, args.store, cfg, sae_id=args.name)
+    info = analyze(args.run_dir, args.store, cfg, sae_id=args.name, data=_data(args))
     t = info.timings
     rest = sum(v for k, v in t.items() if k != "model_forward_s")
     print(f"analysed {info.sae_id!r} into {args.store}")
@@ -144,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--all-tokens", action="store_true", help="also report CE with the SAE spliced in at massive-norm tokens too"
     )
+    _add_source_options(ev)
     an = add(
         "analyze",
         help="analyse a trained SAE's features into the DuckDB feature store",
@@ -154,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--store", default=DEFAULT_STORE, help=f"feature store file (default: {DEFAULT_STORE})")
     an.add_argument("--name", default=None, help="id of the SAE in the store (default: the run directory's name)")
     an.add_argument("--tokens", dest="n_tokens", default=argparse.SUPPRESS, help="same as --n_tokens")
+    _add_source_options(an)
     _add_config_options(an, AnalysisConfig)
     ft = add(
         "finetune",
@@ -202,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "finetune":
             return _cmd_finetune(args)
         if args.command == "analyze":
-            skip = ("command", "run_dir", "store", "name", "debug")
+            skip = ("command", "run_dir", "store", "name", "debug", "model", "hook", "dataset")
             return _cmd_analyze(args, {k: v for k, v in vars(args).items() if k not in skip})
         if args.command == "diff":
             return _cmd_diff(args)

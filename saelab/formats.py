@@ -189,8 +189,10 @@ def _saelens(path: Path, raw: dict[str, Any]) -> Imported:
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None].clamp_min(1e-12)
     sparsifier = {"standard": "relu", "topk": "topk", "abstopk": "abstopk"}.get(arch, "jumprelu")
     k = int(raw.get("k") or 1) if sparsifier in ("topk", "abstopk") else 1
-    hook = meta.get("hook_name") or ""
-    cfg = SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier=sparsifier, k=k, hook_name=hook)
+    hook, model = meta.get("hook_name") or "", meta.get("model_name") or ""
+    cfg = SAEConfig(
+        d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier=sparsifier, k=k, hook_name=hook, model_name=model
+    )
     # With an unfolded scale s, SAELens reads x s and writes its output / s: saelab's act_scale, with
     # every other parameter in the scaled units as they are.
     out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "act_scale": torch.tensor(scale)}
@@ -216,9 +218,15 @@ def _sparsify(path: Path, raw: dict[str, Any]) -> Imported:
     # sparsify reads `layers.N` as the output of decoder layer N: TransformerLens's blocks.N.hook_resid_post.
     m = re.fullmatch(r"(?:layers|h)\.(\d+)", path.name)
     hook = f"blocks.{m.group(1)}.hook_resid_post" if m else ""
-    cfg = SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier="topk", k=int(raw["k"]), hook_name=hook)
+    # sparsify's trainer writes its run config (with the model it read) beside the hook point folders.
+    run_cfg = path.parent / "config.json"
+    model = _json(run_cfg).get("model") or "" if run_cfg.is_file() else ""
+    cfg = SAEConfig(
+        d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier="topk", k=int(raw["k"]), hook_name=hook,
+        model_name=model if isinstance(model, str) else "",
+    )  # fmt: skip
     out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": enc_b, "b_dec": b_dec, "act_scale": torch.tensor(1.0)}
-    return Imported(cfg, out, f"sparsify {path.name}", {"hook_name": hook} if hook else {})
+    return Imported(cfg, out, f"sparsify {path.name}", {"hook_name": hook, "model_name": cfg.model_name})
 
 
 def _gemma_scope(path: Path) -> Imported:

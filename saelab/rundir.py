@@ -13,11 +13,13 @@ what it lacks reads as absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+from saelab import formats
 from saelab.activations import load_cross_sources
 from saelab.config import DataConfig, TrainConfig, from_dict, to_dict
 from saelab.errors import CheckpointError, DataError
@@ -90,17 +92,29 @@ class RunDir:
         sae.to(model.device)
         return LoadedRun(sae, data, [(model, sae.cfg.hook_name or data.hook_name), *load_cross_sources(model, data)])
 
-    def data_config(self) -> DataConfig:
-        """The data config the run trained with (train_config.json), else one built from cfg.json's metadata."""
+    def data_config(
+        self, model: str | None = None, hook_name: str | None = None, dataset: str | None = None
+    ) -> DataConfig:
+        """The data config the run trained with (train_config.json), else one built from the SAE's metadata
+        (saelab's cfg.json, or another library's files: `saelab.formats`); `model`, `hook_name` and
+        `dataset` replace what they say, or fill in what they leave out."""
         path = self.path / self.TRAIN_CONFIG
+        given = {k: v for k, v in (("model", model), ("hook_name", hook_name), ("dataset", dataset)) if v}
         if path.is_file():
-            return from_dict(DataConfig, self._json(path)["data"], prefix="data.")
-        if not (self.path / CFG_FILE).is_file():
+            data = from_dict(DataConfig, self._json(path)["data"], prefix="data.")
+            return dataclasses.replace(data, **given)
+        imported = formats.read(self.path)
+        if imported is None and not (self.path / CFG_FILE).is_file():
             raise CheckpointError(f"{self.path} is not an SAE directory: {CFG_FILE} is missing")
-        cfg = read_sae_config(self.path)
-        if not cfg.model_name or not cfg.hook_name:
-            raise DataError(f"{self.path}: no {self.TRAIN_CONFIG} and the SAE's {CFG_FILE} names no model/hook")
-        return DataConfig(model=cfg.model_name, hook_name=cfg.hook_name)
+        cfg = imported.cfg if imported is not None else read_sae_config(self.path)
+        found = {"model": cfg.model_name, "hook_name": cfg.hook_name} | given
+        missing = [name for name in ("model", "hook_name") if not found.get(name)]
+        if missing:
+            flags = " and ".join(f"--{'hook' if m == 'hook_name' else m}" for m in missing)
+            raise DataError(
+                f"{self.path}: the SAE's files do not say which {' and '.join(missing)} it reads; give {flags}"
+            )
+        return DataConfig(**found)
 
     def write_train_config(self, cfg: TrainConfig) -> None:
         """Record the config the run starts with."""

@@ -174,3 +174,37 @@ def test_saelens_features_saelab_cannot_represent_are_refused(tmp_path, change, 
     (tmp_path / "standard" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=message):
         SAE.load(tmp_path / "standard")
+
+
+def test_an_imported_sae_evaluates_analyses_and_opens_in_the_app(
+    tiny_model_dir, corpus_dir, tmp_path, monkeypatch
+) -> None:
+    from sparsify import SparseCoder, SparseCoderConfig
+    from streamlit.testing.v1 import AppTest
+
+    from saelab.app import MAIN, STORE_ENV
+    from saelab.cli import main
+    from saelab.store import FeatureStore
+
+    torch.manual_seed(0)
+    coder = SparseCoder(32, SparseCoderConfig(num_latents=64, k=4))  # the tiny model's width
+    run = tmp_path / "sparsify-run" / "layers.1"
+    coder.save_to_disk(run)
+    store = tmp_path / "s.duckdb"
+    # sparsify's folder says the hook point (layers.1) but not the model: without --model, a message.
+    assert main(["analyze", str(run), "--store", str(store), "--tokens", "256"]) == 2
+    source = ["--model", str(tiny_model_dir), "--dataset", str(corpus_dir)]
+    assert main(["eval", str(run), "--tokens", "256", *source]) == 0
+    assert main(["analyze", str(run), "--store", str(store), "--tokens", "256", "--n_top", "3", *source]) == 0
+    with FeatureStore(store) as fs:
+        info = fs.sae("layers.1")
+        assert info.hook_name == "blocks.1.hook_resid_post" and info.sparsifier == "topk" and info.d_sae == 64
+        assert fs.feature_list("layers.1").total == 64 and fs.fired_features("layers.1")
+    monkeypatch.setenv(STORE_ENV, str(store))
+    at = AppTest.from_file(str(MAIN), default_timeout=60)
+    at.query_params.update({"sae": "layers.1", "text": "To be, or not to be"})
+    at.run()
+    at.switch_page("views/inspect.py")
+    at.query_params.update({"sae": "layers.1", "text": "To be, or not to be"})
+    at.run()
+    assert not at.exception and not at.error and "Features at token" in "".join(s.value for s in at.subheader)
