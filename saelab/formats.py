@@ -9,6 +9,8 @@
   factor (from `activation_scaler.json` when not folded) are honoured.
 - **sparsify** (`cfg.json` + `sae.safetensors`, one folder per hook point such as `layers.6`).
 - **Gemma Scope** (`params.npz`).
+- **dictionary_learning** (`ae.pt` + `config.json`): AutoEncoder, AutoEncoderNew, AutoEncoderTopK,
+  BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder, GatedAutoEncoder.
 
 Every import is a change of parameters, never an approximation: the saelab SAE computes the same
 codes and reconstructions (up to float rounding). What saelab cannot represent exactly (per-token
@@ -37,6 +39,7 @@ from saelab.errors import CheckpointError
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMA_SCOPE_PARAMS = "params.npz"
+DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
 
 
 @dataclass
@@ -96,6 +99,8 @@ def read(path: str | Path) -> Imported | None:
             return _sparsify(path, raw)
     if (path / GEMMA_SCOPE_PARAMS).is_file():
         return _gemma_scope(path / GEMMA_SCOPE_PARAMS)
+    if (path / DICTIONARY_LEARNING_WEIGHTS).is_file():
+        return _dictionary_learning(path)
     inside = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "cfg.json").is_file())
     if inside and not cfg_path.is_file():
         shown = ", ".join(inside[:8]) + (", ..." if len(inside) > 8 else "")
@@ -107,6 +112,18 @@ def _centred(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, subtracts_b_dec: bool)
     """`b_enc` for saelab's encoder, which always subtracts b_dec: for a format whose encoder does not,
     x @ W + b = (x - b_dec) @ W + (b + b_dec @ W)."""
     return b_enc if subtracts_b_dec else b_enc + b_dec @ W_enc
+
+
+def _gated(
+    W_enc: Tensor, b_gate: Tensor, r_mag: Tensor, b_mag: Tensor, b_dec: Tensor, subtracts: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A Gated SAE (shared encoder matrix) as its exact JumpReLU: (W_enc, b_enc, threshold).
+
+    Gate u + b_gate > 0, magnitude relu(u e^r + b_mag), u the encoder's x W_enc: with W' = W_enc e^r the
+    magnitude's pre-activation is pre' = u e^r + b_mag, and the gate opens where pre' > b_mag - e^r b_gate.
+    """
+    W = W_enc * r_mag.exp()
+    return W, _centred(W, b_mag, b_dec, subtracts), b_mag - r_mag.exp() * b_gate
 
 
 SAELENS_REFUSED_NORMS = {
@@ -165,13 +182,9 @@ def _saelens(path: Path, raw: dict[str, Any]) -> Imported:
     subtracts = bool(raw.get("apply_b_dec_to_input", True))
     threshold = None
     if arch == "gated":
-        b_gate, r_mag, b_mag = _need(tensors, ["b_gate", "r_mag", "b_mag"], weights)
-        # Gate u + b_gate > 0, magnitude relu(u e^r + b_mag), u the encoder's x W_enc: with W' = W_enc e^r
-        # the magnitude's pre-activation is pre' = u e^r + b_mag, and the gate opens where
-        # pre' > b_mag - e^r b_gate: a JumpReLU with that threshold.
-        W_enc = W_enc * r_mag.exp()
-        b_enc = _centred(W_enc, b_mag, b_dec, subtracts)
-        threshold = b_mag - r_mag.exp() * b_gate
+        W_enc, b_enc, threshold = _gated(
+            W_enc, *_need(tensors, ["b_gate", "r_mag", "b_mag"], weights), b_dec, subtracts
+        )
     else:
         (b_enc,) = _need(tensors, ["b_enc"], weights)
         b_enc = _centred(W_enc, b_enc, b_dec, subtracts)
@@ -250,3 +263,70 @@ def _gemma_scope(path: Path) -> Imported:
         "sparsifier.threshold": threshold,
     }
     return Imported(cfg, out, "Gemma Scope", {"hook_name": hook} if hook else {})
+
+
+def _dictionary_learning(path: Path) -> Imported:
+    """dictionary_learning (saprmarks): `ae.pt` (a state dict, read with weights_only) and `config.json`,
+    whose trainer.dict_class names the class."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{path} has {DICTIONARY_LEARNING_WEIGHTS} but no config.json to say which dictionary it is"
+        )
+    trainer = _json(cfg_path).get("trainer") or {}
+    kind = trainer.get("dict_class")
+    weights = path / DICTIONARY_LEARNING_WEIGHTS
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated, foreign or pickled-object file
+        raise CheckpointError(f"{weights} is truncated, corrupt or not a plain state dict ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("ae"), dict):
+        state = state["ae"]  # a backup written mid-training: {"step", "ae", "optimizer", ...}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights} is not a state dict")
+    subtracts, threshold, k = True, None, 1
+    if kind in ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "GatedAutoEncoder"):
+        enc = _need(state, ["encoder.weight"], weights)[0]
+        (dec,) = _need(state, ["decoder.weight"], weights)
+        W_enc, W_dec = enc.T.contiguous(), dec.T.contiguous()
+    if kind == "AutoEncoder":
+        b_enc, b_dec = _need(state, ["encoder.bias", "bias"], weights)
+        sparsifier = "relu"
+    elif kind == "AutoEncoderNew":
+        b_enc, b_dec = _need(state, ["encoder.bias", "decoder.bias"], weights)
+        sparsifier, subtracts = "relu", False
+    elif kind == "AutoEncoderTopK":
+        b_enc, b_dec, k_t = _need(state, ["encoder.bias", "b_dec", "k"], weights)
+        sparsifier, k = "topk", int(k_t)
+    elif kind in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
+        if kind == "MatryoshkaBatchTopKSAE":
+            W_enc, b_enc, W_dec, b_dec, t = _need(state, ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"], weights)
+        else:
+            b_enc, b_dec, t = _need(state, ["encoder.bias", "b_dec", "threshold"], weights)
+        # Inference keeps relu(pre) where it is above one threshold (strictly): a JumpReLU.
+        sparsifier, threshold = "jumprelu", torch.full_like(b_enc, float(t.reshape(-1)[0]))
+    elif kind == "JumpReluAutoEncoder":
+        W_enc, b_enc, W_dec, b_dec, threshold = _need(state, ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"], weights)
+        sparsifier, subtracts = "jumprelu", False
+    elif kind == "GatedAutoEncoder":
+        b_gate, r_mag, b_mag, b_dec = _need(state, ["gate_bias", "r_mag", "mag_bias", "decoder_bias"], weights)
+        W_enc, b_enc, threshold = _gated(W_enc, b_gate, r_mag, b_mag, b_dec, subtracts=True)
+        sparsifier = "jumprelu"
+    else:
+        raise CheckpointError(f"{cfg_path}: dictionary_learning class {kind!r} is not one saelab reads")
+    if kind != "GatedAutoEncoder":
+        b_enc = _centred(W_enc, b_enc, b_dec, subtracts)
+    model = trainer.get("lm_name") or ""
+    cfg = SAEConfig(
+        d_in=W_enc.shape[0],
+        d_sae=W_enc.shape[1],
+        sparsifier=sparsifier,
+        k=k,
+        model_name=model if isinstance(model, str) else "",
+    )
+    out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "act_scale": torch.tensor(1.0)}
+    if threshold is not None:
+        out["sparsifier.threshold"] = threshold
+    return Imported(
+        cfg, out, f"dictionary_learning {kind}", {"model_name": cfg.model_name, "layer": trainer.get("layer")}
+    )

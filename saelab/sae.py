@@ -308,8 +308,8 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE written by `save`, or by SAELens, sparsify or Gemma Scope (`saelab.formats`), with
-        clear errors for missing, corrupt or mismatched files.
+        """Load an SAE written by `save`, or by SAELens, sparsify, Gemma Scope or dictionary_learning
+        (`saelab.formats`), with clear errors for missing, corrupt or mismatched files.
 
         It comes back in eval mode, ready for inference: a training-mode forward would update
         BatchTopK's threshold and other training statistics. Call `.train()` to train it further.

@@ -208,3 +208,81 @@ def test_an_imported_sae_evaluates_analyses_and_opens_in_the_app(
     at.query_params.update({"sae": "layers.1", "text": "To be, or not to be"})
     at.run()
     assert not at.exception and not at.error and "Features at token" in "".join(s.value for s in at.subheader)
+
+
+# dictionary_learning pulls a second torch (2.14, with CUDA) through nnsight, so these files follow its
+# documented layout (dictionary.py, trainers/top_k.py, batch_top_k.py in saprmarks/dictionary_learning)
+# and the expected codes its documented forward passes.
+def _dl(kind: str, d: int = 12, F: int = 40, seed: int = 0) -> tuple[dict[str, torch.Tensor], object]:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    relu = torch.relu
+    if kind == "AutoEncoder":
+        s = {"bias": r(d), "encoder.weight": r(F, d), "encoder.bias": r(F), "decoder.weight": r(d, F)}
+        return s, lambda x: relu((x - s["bias"]) @ s["encoder.weight"].T + s["encoder.bias"])
+    if kind == "AutoEncoderNew":
+        s = {"encoder.weight": r(F, d), "encoder.bias": r(F), "decoder.weight": r(d, F), "decoder.bias": r(d)}
+        return s, lambda x: relu(x @ s["encoder.weight"].T + s["encoder.bias"])
+    if kind in ("AutoEncoderTopK", "BatchTopKSAE"):
+        s = {"b_dec": r(d), "k": torch.tensor(5, dtype=torch.int32), "threshold": torch.tensor(0.7),
+             "decoder.weight": r(d, F), "encoder.weight": r(F, d), "encoder.bias": r(F)}  # fmt: skip
+
+        def topk(x: torch.Tensor) -> torch.Tensor:
+            a = relu((x - s["b_dec"]) @ s["encoder.weight"].T + s["encoder.bias"])
+            if kind == "BatchTopKSAE":
+                return a * (a > s["threshold"])
+            v, i = a.topk(5, dim=-1)
+            return torch.zeros_like(a).scatter(-1, i, v)
+
+        return s, topk
+    if kind == "JumpReluAutoEncoder":
+        s = {"W_enc": r(d, F), "b_enc": r(F), "W_dec": r(F, d), "b_dec": r(d), "threshold": r(F).abs()}
+
+        def jump(x: torch.Tensor) -> torch.Tensor:
+            pre = x @ s["W_enc"] + s["b_enc"]
+            return relu(pre * (pre > s["threshold"]))
+
+        return s, jump
+    s = {"decoder_bias": r(d), "encoder.weight": r(F, d), "r_mag": r(F) * 0.3, "gate_bias": r(F),
+         "mag_bias": r(F), "decoder.weight": r(d, F)}  # fmt: skip
+
+    def gated(x: torch.Tensor) -> torch.Tensor:
+        u = (x - s["decoder_bias"]) @ s["encoder.weight"].T
+        return (u + s["gate_bias"] > 0) * relu(u * s["r_mag"].exp() + s["mag_bias"])
+
+    return s, gated
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder", "GatedAutoEncoder"],
+)
+def test_dictionary_learning_checkpoints_load_and_encode_the_same(tmp_path, kind) -> None:
+    state, encode = _dl(kind)
+    torch.save(state, tmp_path / "ae.pt")
+    trainer = {"dict_class": kind, "activation_dim": 12, "dict_size": 40, "lm_name": "EleutherAI/pythia-70m"}
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer}))
+    sae = SAE.load(tmp_path)
+    assert sae.imported_from == f"dictionary_learning {kind}" and sae.cfg.model_name == "EleutherAI/pythia-70m"
+    x = torch.randn(300, 12) * 2
+    with torch.no_grad():
+        want, got = encode(x), sae.encode(x)
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dictionary_learning_refuses_what_it_cannot_read(tmp_path) -> None:
+    state, _ = _dl("AutoEncoder")
+    torch.save(state, tmp_path / "ae.pt")
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        SAE.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "Mystery"}}))
+    with pytest.raises(CheckpointError, match="'Mystery' is not one saelab reads"):
+        SAE.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
+    torch.save({"weights": object()}, tmp_path / "ae.pt")  # a pickled object: never unpickled
+    with pytest.raises(CheckpointError, match="not a plain state dict"):
+        SAE.load(tmp_path)
