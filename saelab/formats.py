@@ -12,7 +12,9 @@
 - **dictionary_learning** (`ae.pt` + `config.json`): AutoEncoder, AutoEncoderNew, AutoEncoderTopK,
   BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder, GatedAutoEncoder.
 
-Every import is a change of parameters, never an approximation: the saelab SAE computes the same
+`locate` finds them locally or on the Hugging Face hub ('org/name' and a subfolder; the local cache
+with HF_HUB_OFFLINE=1), `release` by SAELens release name. Every import is a change of parameters,
+never an approximation: the saelab SAE computes the same
 codes and reconstructions (up to float rounding). What saelab cannot represent exactly (per-token
 input normalisation, skip connections, transcoders, group-max activations, ...) is refused with a
 message that names it. Nothing is unpickled.
@@ -78,6 +80,58 @@ def _need(tensors: dict[str, Tensor], names: list[str], where: Path) -> list[Ten
     if missing:
         raise CheckpointError(f"{where} lacks {missing} (it holds {sorted(tensors)})")
     return [tensors[n].float() for n in names]
+
+
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def locate(source: str | Path, subfolder: str | None = None) -> Path:
+    """The local file or folder of an SAE: `source` itself (a path), or a Hugging Face repo id ('org/name')
+    downloaded with `huggingface_hub` (only `subfolder` of it), or found in the local cache when
+    HF_HUB_OFFLINE=1."""
+    local = Path(source)
+    if local.exists():
+        path = local / subfolder if subfolder else local
+        if not path.exists():
+            raise CheckpointError(f"{local} has no {subfolder!r}")
+        return path
+    if not HUB_REPO.fullmatch(str(source)):
+        raise CheckpointError(f"no SAE at {source}: no such file or directory, and not a hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    folder = (subfolder or "").strip("/")
+    try:
+        root = Path(snapshot_download(str(source), allow_patterns=[f"{folder}/*"] if folder else None))
+    except Exception as e:  # no network, not cached, no such repo, gated repo: one message for all
+        where = f"{source}/{folder}" if folder else str(source)
+        raise CheckpointError(f"cannot get {where} from the Hugging Face hub or its local cache: {e}") from e
+    path = root / folder if folder else root
+    if not path.exists():
+        raise CheckpointError(f"hub repo {source} has no folder {folder!r}")
+    return path
+
+
+def release(name: str, sae_id: str) -> tuple[str, str, str]:
+    """(hub repo, folder, model) of an SAE named as in SAELens's registry of released SAEs
+    (`pretrained_saes.yaml`), which needs sae-lens installed."""
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError:
+        raise CheckpointError(
+            "release names come from SAELens's registry: install sae-lens (beside transformer-lens<4), or load "
+            "the repo and folder directly: SAE.load('org/repo', subfolder='...')"
+        ) from None
+    import difflib
+
+    directory = get_pretrained_saes_directory()
+    if name not in directory:
+        close = difflib.get_close_matches(name, list(directory), n=5)
+        raise CheckpointError(f"no SAELens release {name!r}; close: {close or 'none'}")
+    lookup = directory[name]
+    if sae_id not in lookup.saes_map:
+        close = difflib.get_close_matches(sae_id, list(lookup.saes_map), n=5)
+        raise CheckpointError(f"release {name!r} has no SAE {sae_id!r}; close: {close or 'none'}")
+    return lookup.repo_id, lookup.saes_map[sae_id], lookup.model
 
 
 def read(path: str | Path) -> Imported | None:

@@ -307,14 +307,15 @@ class SAE(nn.Module):
         return CrossCoder(cfg) if cfg.n_sources > 1 and not cls.multi_source else cls(cfg)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", subfolder: str | None = None) -> SAE:
         """Load an SAE written by `save`, or by SAELens, sparsify, Gemma Scope or dictionary_learning
-        (`saelab.formats`), with clear errors for missing, corrupt or mismatched files.
+        (`saelab.formats`), with clear errors for missing, corrupt or mismatched files. `path` is a local
+        path or a Hugging Face repo id ('org/name'; `subfolder` picks one SAE of it).
 
         It comes back in eval mode, ready for inference: a training-mode forward would update
         BatchTopK's threshold and other training statistics. Call `.train()` to train it further.
         """
-        path = Path(path)
+        path = formats.locate(path, subfolder)
         imported = formats.read(path)
         if imported is not None:
             sae = cls.from_config(imported.cfg)
@@ -325,6 +326,16 @@ class SAE(nn.Module):
         sae = cls.from_config(read_sae_config(path))
         load_state(sae, path / WEIGHTS_FILE)
         return sae.to(device).eval()
+
+
+def from_release(release: str, sae_id: str, device: str | torch.device = "cpu") -> SAE:
+    """An SAE named as in SAELens's registry (e.g. 'gemma-scope-2b-pt-res-canonical',
+    'layer_12/width_16k/canonical'), from the hub or its local cache; needs sae-lens installed."""
+    repo, folder, model = formats.release(release, sae_id)
+    sae = SAE.load(repo, device, subfolder=folder)
+    if not sae.cfg.model_name and model:
+        sae.cfg.model_name = model
+    return sae
 
 
 def read_sae_config(path: Path) -> SAEConfig:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +288,62 @@ def test_dictionary_learning_refuses_what_it_cannot_read(tmp_path) -> None:
     torch.save({"weights": object()}, tmp_path / "ae.pt")  # a pickled object: never unpickled
     with pytest.raises(CheckpointError, match="not a plain state dict"):
         SAE.load(tmp_path)
+
+
+def _hub_cache(root: Path, repo: str, files: dict[str, bytes]) -> None:
+    """A Hugging Face hub cache holding `repo` at one commit, laid out as huggingface_hub writes it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        dest = base / "snapshots" / commit / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+
+
+def _offline(code: str, cache: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_hub_sae_loads_offline_from_the_hugging_face_cache(tmp_path) -> None:
+    folder = tmp_path / "src" / "layer_7" / "width_16k" / "average_l0_20"
+    _gemma_scope(folder)
+    npz = (folder / "params.npz").read_bytes()
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "google/gemma-scope-2b-pt-res", {"layer_7/width_16k/average_l0_20/params.npz": npz})
+    code = (
+        "from saelab import SAE; "
+        "s = SAE.load('google/gemma-scope-2b-pt-res', subfolder='layer_7/width_16k/average_l0_20'); "
+        "print(s.cfg.sparsifier, s.cfg.d_sae, s.cfg.hook_name)"
+    )
+    done = _offline(code, cache)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["jumprelu", "40", "blocks.7.hook_resid_post"]
+    missing = _offline("from saelab import SAE; SAE.load('google/gemma-scope-2b-pt-res', subfolder='layer_9')", cache)
+    assert missing.returncode != 0 and "has no folder 'layer_9'" in missing.stderr
+    absent = _offline("from saelab import SAE; SAE.load('nobody/no-such-saes')", cache)
+    assert absent.returncode != 0 and "cannot get nobody/no-such-saes from the Hugging Face hub" in absent.stderr
+
+
+@saelens
+def test_a_saelens_release_name_resolves_through_its_registry_offline(tmp_path) -> None:
+    from saelab.formats import release
+
+    repo, folder, model = release("gemma-scope-2b-pt-res-canonical", "layer_7/width_16k/canonical")
+    assert repo == "google/gemma-scope-2b-pt-res" and folder.startswith("layer_7/width_16k/average_l0_")
+    src = tmp_path / "src"
+    _gemma_scope(src)
+    cache = tmp_path / "hub"
+    _hub_cache(cache, repo, {f"{folder}/params.npz": (src / "params.npz").read_bytes()})
+    code = (
+        "from saelab.sae import from_release; "
+        "s = from_release('gemma-scope-2b-pt-res-canonical', 'layer_7/width_16k/canonical'); "
+        "print(s.cfg.model_name, s.cfg.hook_name)"
+    )
+    done = _offline(code, cache)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [model, "blocks.7.hook_resid_post"]
+    with pytest.raises(CheckpointError, match="no SAELens release 'gemma-scope-2b-pt-rez'"):
+        release("gemma-scope-2b-pt-rez", "x")

@@ -96,8 +96,11 @@ def test_corrupt_and_truncated_checkpoints(tmp_path) -> None:
     (tmp_path / "cfg.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         SAE.load(tmp_path)
-    with pytest.raises(CheckpointError, match=r"cfg.json is missing"):
+    with pytest.raises(CheckpointError, match=r"no SAE at .*nowhere: no such file or directory"):
         SAE.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"cfg\.json is missing"):
+        SAE.load(tmp_path / "empty")
 
 
 def test_config_files_and_overrides(tmp_path) -> None:
