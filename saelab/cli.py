@@ -1,5 +1,6 @@
 """Command line: `saelab train --config FILE [--key value ...]`, `saelab eval RUN_DIR [--json]`,
 `saelab analyze RUN_DIR --tokens N [--store PATH]`, `saelab diff SAE_ID`, `saelab finetune --out DIR`,
+`saelab export RUN_DIR --format saelens|sparsify --out DIR`,
 `saelab app [--store PATH] [--host H] [--port P]`.
 
 Errors saelab raises on purpose (`saelab.errors.SaelabError`: bad input, broken files) print one
@@ -102,6 +103,16 @@ def _cmd_analyze(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from saelab.export import export
+    from saelab.rundir import RunDir
+
+    sae = RunDir(args.run_dir).load_sae()
+    out = export(sae, args.out, args.format)
+    print(f"exported {args.run_dir} ({sae.cfg.sparsifier}, {sae.d_sae} latents) as {args.format} to {out}")
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from saelab.finetune import finetune
 
@@ -174,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--tokens", dest="n_tokens", default=argparse.SUPPRESS, help="same as --n_tokens")
     _add_source_options(an)
     _add_config_options(an, AnalysisConfig)
+    ex = add(
+        "export",
+        help="write an SAE as SAELens or sparsify save theirs",
+        description="Write the SAE of a run directory (or any SAE that SAE.load reads) in another library's format, "
+        "its input scale folded in exactly, so that library loads it and finds the same latents.",
+    )
+    ex.add_argument("run_dir", help="run directory or SAE folder")
+    ex.add_argument("--format", required=True, choices=["saelens", "sparsify"], help="the library to write for")
+    ex.add_argument("--out", required=True, help="output folder (for sparsify, name it after the layer: layers.N)")
     ft = add(
         "finetune",
         help="fine-tune a model on a corpus (a second model to diff against the base)",
@@ -225,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args, {k: v for k, v in vars(args).items() if k not in skip})
         if args.command == "diff":
             return _cmd_diff(args)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "app":
             return _cmd_app(args)
         return _cmd_eval(args)

@@ -26,7 +26,7 @@ LAYERS = [
     ],
     ["saelab.ops", "saelab.kernels", "saelab.kernels.*", "saelab.sparsifiers", "saelab.losses", "saelab.formats"],
     ["saelab.sae"],
-    ["saelab.models", "saelab.corpus", "saelab.activations", "saelab.rundir", "saelab.nexttoken"],
+    ["saelab.models", "saelab.corpus", "saelab.activations", "saelab.rundir", "saelab.nexttoken", "saelab.export"],
     [
         "saelab.evals",
         "saelab.trainer",

@@ -347,3 +347,81 @@ def test_a_saelens_release_name_resolves_through_its_registry_offline(tmp_path) 
     assert done.stdout.split() == [model, "blocks.7.hook_resid_post"]
     with pytest.raises(CheckpointError, match="no SAELens release 'gemma-scope-2b-pt-rez'"):
         release("gemma-scope-2b-pt-rez", "x")
+
+
+def _saelab_sae(sparsifier: str, seed: int = 0) -> SAE:
+    """A random saelab SAE with a non-trivial input scale, biases and (where it has one) threshold."""
+    from saelab import SAEConfig
+
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=16, d_sae=48, sparsifier=sparsifier, k=5, hook_name="blocks.2.hook_resid_post",
+                        model_name="tiny"))  # fmt: skip
+    with torch.no_grad():
+        sae.act_scale.fill_(0.37)
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_()
+        if sparsifier in ("batchtopk", "featurechoice"):
+            sae.sparsifier.threshold.fill_(0.8)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("sparsifier", ["topk"])
+def test_an_export_to_sparsify_loads_there_with_the_same_codes(tmp_path, sparsifier) -> None:
+    from sparsify import SparseCoder
+
+    from saelab.cli import main
+
+    sae = _saelab_sae(sparsifier)
+    sae.save(tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--format", "sparsify", "--out", str(tmp_path / "layers.2")]) == 0
+    theirs = SparseCoder.load_from_disk(tmp_path / "layers.2")
+    x = torch.randn(200, 16) * 3
+    with torch.no_grad():
+        ref = theirs.encode(x)
+        want, got = _dense(ref.top_acts, ref.top_indices, 48), sae.encode(x)
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(SAE.load(tmp_path / "layers.2").encode(x) != 0, got != 0)  # and back
+
+
+@pytest.mark.parametrize(("sparsifier", "message"), [("batchtopk", "sparsify reads top-k"), ("mutualchoice", None)])
+def test_exports_without_an_equivalent_are_refused(tmp_path, sparsifier, message) -> None:
+    from saelab.export import export
+
+    with pytest.raises(CheckpointError, match=message or "allocates latents over the whole batch"):
+        export(_saelab_sae(sparsifier), tmp_path / "out", "sparsify" if message else "saelens")
+
+
+@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice"])
+def test_an_export_to_saelens_loads_back_with_the_same_codes(tmp_path, sparsifier) -> None:
+    from saelab.export import export
+
+    sae = _saelab_sae(sparsifier)
+    export(sae, tmp_path / "sl", "saelens")
+    back = SAE.load(tmp_path / "sl")  # read as SAELens files
+    assert back.imported_from.startswith("SAELens") and back.cfg.hook_name == "blocks.2.hook_resid_post"
+    x = torch.randn(300, 16) * 3
+    with torch.no_grad():
+        got, want = back.encode(x), sae.encode(x)
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(back.decode(got), sae.decode(want), rtol=1e-4, atol=1e-4)
+
+
+@saelens
+@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk"])
+def test_an_export_to_saelens_loads_in_saelens_with_the_same_codes(tmp_path, sparsifier) -> None:
+    import sae_lens
+
+    from saelab.export import export
+
+    sae = _saelab_sae(sparsifier)
+    export(sae, tmp_path / "sl", "saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
+    assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    x = torch.randn(300, 16) * 3
+    with torch.no_grad():
+        want, got = theirs.encode(x), sae.encode(x)
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(theirs.decode(want), sae.decode(got), rtol=1e-4, atol=1e-4)
