@@ -38,6 +38,20 @@ from saelab.sparsifiers import Code, make_sparsifier
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+PORTABLE_FORMAT = 2
+"""saelab_format of a directory written in SAELens's layout (`SAE.save(portable=True)`); 1 is saelab's own."""
+SAELENS_ARCHITECTURES = {
+    "relu": "standard",
+    "topk": "topk",
+    "abstopk": "abstopk",
+    "batchtopk": "jumprelu",
+    "featurechoice": "jumprelu",
+    "jumprelu": "jumprelu",
+}
+"""saelab sparsifiers with an exact SAELens 6 counterpart, and its name."""
+SAELENS_FORMAT_VERSION = "6.0.0"
+SAELENS_ONLY_KEYS = ("dtype", "device", "apply_b_dec_to_input", "normalize_activations", "reshape_activations",
+                     "metadata", "rescale_acts_by_decoder_norm")  # fmt: skip
 
 
 def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-6) -> Tensor:
@@ -288,18 +302,72 @@ class SAE(nn.Module):
         along = torch.einsum("fd,fd->f", grad, W) / torch.linalg.vector_norm(W, dim=1).square().clamp_min(1e-16)
         grad.addcmul_(W, along[:, None], value=-1.0)
 
-    def save(self, path: str | Path) -> None:
-        """Write `cfg.json` and `sae_weights.safetensors` (parameters and buffers) to a directory.
+    def save(self, path: str | Path, portable: bool = True) -> None:
+        """Write `cfg.json` and `sae_weights.safetensors` to a directory.
 
-        Each file is replaced atomically, so a kill mid-save leaves the previous file, not a torn one.
+        `portable` (the default) writes an SAE whose architecture SAELens has (one source; relu as
+        standard, topk, abstopk, and batchtopk / featurechoice / jumprelu as jumprelu) in SAELens 6's
+        layout, its input scale folded into the weights, so `sae_lens.SAE.load_from_disk` opens the
+        directory as it is and finds the same codes; `SAE.load` reads it back as this SAE. Otherwise,
+        and for training checkpoints (`portable=False`, so that resuming is exact), every parameter
+        and buffer is written as it is. Each file is replaced atomically, so a kill mid-save leaves
+        the previous file, not a torn one.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if portable and self.cfg.n_sources == 1 and self.cfg.sparsifier in SAELENS_ARCHITECTURES:
+            tensors, saelens_cfg = self.saelens_layout()
+            meta = to_dict(self.cfg) | saelens_cfg | {"saelab_format": PORTABLE_FORMAT}
+        else:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            meta = to_dict(self.cfg) | {"architecture": self.cfg.sparsifier, "saelab_format": 1}
         with replacing(path / WEIGHTS_FILE) as tmp:
             save_file(tensors, str(tmp))
-        meta = to_dict(self.cfg) | {"architecture": self.cfg.sparsifier, "saelab_format": 1}
         write_atomic(path / CFG_FILE, json.dumps(meta, indent=2))
+
+    def saelens_layout(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """This SAE as SAELens 6 saves its SAEs: the tensors, and the cfg.json entries SAELens reads.
+
+        The input scale s is folded in exactly (s W_enc, W_dec / s, b_dec / s give the same pre-activations
+        and reconstructions). batchtopk and featurechoice keep relu(pre) >= t; a SAELens JumpReLU keeps
+        pre > t', so t' is the float just below t.
+        """
+        arch = SAELENS_ARCHITECTURES.get(self.cfg.sparsifier)
+        if arch is None or self.cfg.n_sources > 1:
+            what = "a crosscoder" if self.cfg.n_sources > 1 else f"a {self.cfg.sparsifier} SAE"
+            raise CheckpointError(f"{what} has no SAELens equivalent (its inference rule or its sources differ)")
+        s = float(self.act_scale)
+        with torch.no_grad():
+            tensors = {
+                "W_enc": (self.W_enc * s).float().contiguous().cpu(),
+                "W_dec": (self.W_dec / s).float().contiguous().cpu(),
+                "b_enc": self.b_enc.float().contiguous().cpu(),
+                "b_dec": (self.b_dec / s).float().contiguous().cpu(),
+            }
+            if arch == "jumprelu":
+                t = self.sparsifier.threshold.detach().float().cpu()
+                if self.cfg.sparsifier != "jumprelu":
+                    t = torch.nextafter(t, torch.tensor(-math.inf)).expand(self.d_sae)
+                tensors["threshold"] = t.contiguous()
+        cfg: dict[str, Any] = {
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            # SAELens reads nested metadata only from files that say they are in its version-6 format.
+            "metadata": {
+                "sae_lens_version": SAELENS_FORMAT_VERSION,
+                "model_name": self.cfg.model_name or None,
+                "hook_name": self.cfg.hook_name or None,
+            },
+            "architecture": arch,
+        }
+        if arch in ("topk", "abstopk"):
+            cfg |= {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+        return tensors, cfg
 
     @classmethod
     def from_config(cls, cfg: SAEConfig) -> SAE:
@@ -323,8 +391,22 @@ class SAE(nn.Module):
             sae.load_state_dict(imported.tensors)
             sae.imported_from = imported.source
             return sae.to(device).eval()
-        sae = cls.from_config(read_sae_config(path))
-        load_state(sae, path / WEIGHTS_FILE)
+        cfg, version = read_sae_config(path, with_version=True)
+        sae = cls.from_config(cfg)
+        if version == PORTABLE_FORMAT:
+            tensors = _read_tensors(path / WEIGHTS_FILE)
+            tensors["act_scale"] = torch.ones_like(sae.act_scale)
+            if "threshold" in tensors:
+                t = tensors.pop("threshold")
+                if cfg.sparsifier == "jumprelu":
+                    tensors["sparsifier.threshold"] = t
+                else:  # the float just above the JumpReLU's is the threshold it was written from
+                    tensors["sparsifier.threshold"] = torch.nextafter(t[0], torch.tensor(math.inf))
+                    tensors["sparsifier.threshold_steps"] = torch.ones((), dtype=torch.long)
+            check_state(sae, tensors, path / WEIGHTS_FILE)
+            sae.load_state_dict(tensors)
+        else:
+            load_state(sae, path / WEIGHTS_FILE)
         return sae.to(device).eval()
 
 
@@ -338,8 +420,8 @@ def from_release(release: str, sae_id: str, device: str | torch.device = "cpu") 
     return sae
 
 
-def read_sae_config(path: Path) -> SAEConfig:
-    """Parse `cfg.json` of a saved SAE."""
+def read_sae_config(path: Path, with_version: bool = False) -> Any:
+    """Parse `cfg.json` of a saved SAE (and, `with_version`, return its saelab_format too)."""
     cfg_path = path / CFG_FILE
     if not cfg_path.is_file():
         raise CheckpointError(f"{path} is not an SAE directory: {CFG_FILE} is missing")
@@ -349,22 +431,28 @@ def read_sae_config(path: Path) -> SAEConfig:
         raise CheckpointError(f"{cfg_path} is corrupt: {e}") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_path} is corrupt: expected a JSON object")
-    raw.pop("architecture", None)
-    raw.pop("saelab_format", None)
+    version = raw.pop("saelab_format", None)
+    for key in ("architecture", *SAELENS_ONLY_KEYS):
+        raw.pop(key, None)
     try:
-        return from_dict(SAEConfig, raw)
+        cfg = from_dict(SAEConfig, raw)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{cfg_path} does not describe a saelab SAE: {e}") from e
+    return (cfg, version) if with_version else cfg
+
+
+def _read_tensors(weights: Path) -> dict[str, Tensor]:
+    if not weights.is_file():
+        raise CheckpointError(f"weights file missing: {weights}")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is truncated or corrupt ({e})") from e
 
 
 def load_state(module: nn.Module, weights: Path) -> None:
     """Load a safetensors file into `module`, checking that keys and shapes match exactly."""
-    if not weights.is_file():
-        raise CheckpointError(f"weights file missing: {weights}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights} is truncated or corrupt ({e})") from e
+    tensors = _read_tensors(weights)
     check_state(module, tensors, weights)
     module.load_state_dict(tensors)
 

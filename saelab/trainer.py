@@ -195,7 +195,7 @@ class Trainer:
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with replacing(self.run.checkpoint) as tmp:
-            self.sae.save(tmp)
+            self.sae.save(tmp, portable=False)  # the scale kept apart: resuming is exact
             save_file(tensors, str(tmp / RunDir.TRAINER_TENSORS))
             (tmp / RunDir.TRAINER_STATE).write_text(json.dumps(state, indent=2))
         self.saved_step = self.step

@@ -25,11 +25,12 @@ def _dense(acts: torch.Tensor, idx: torch.Tensor, d_sae: int) -> torch.Tensor:
     return torch.zeros(acts.shape[0], d_sae).scatter(1, idx, acts)
 
 
-def test_a_sparsify_sae_loads_and_encodes_the_same(tmp_path) -> None:
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_a_sparsify_sae_loads_and_encodes_the_same(tmp_path, multi_topk) -> None:
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
-    coder = SparseCoder(16, SparseCoderConfig(num_latents=64, k=5))
+    coder = SparseCoder(16, SparseCoderConfig(num_latents=64, k=5, multi_topk=multi_topk))  # multi_topk: training only
     with torch.no_grad():
         coder.b_dec.normal_()
         coder.encoder.bias.normal_(0, 0.3)
@@ -45,9 +46,13 @@ def test_a_sparsify_sae_loads_and_encodes_the_same(tmp_path) -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         assert torch.equal(ours != 0, theirs != 0)  # the same latents fire
         torch.testing.assert_close(sae.decode(ours), coder.decode(ref.top_acts, ref.top_indices), rtol=1e-5, atol=1e-5)
-    # A folder of several hook points names them.
+    # A folder of several hook points names them; a truncated weights file says so.
     with pytest.raises(CheckpointError, match=r"several SAEs \(layers.3\)"):
         SAE.load(tmp_path)
+    weights = tmp_path / "layers.3" / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        SAE.load(tmp_path / "layers.3")
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [("activation", "groupmax", "group-max"),
@@ -210,6 +215,11 @@ def test_an_imported_sae_evaluates_analyses_and_opens_in_the_app(
     at.query_params.update({"sae": "layers.1", "text": "To be, or not to be"})
     at.run()
     assert not at.exception and not at.error and "Features at token" in "".join(s.value for s in at.subheader)
+    at.switch_page("views/steer.py")
+    at.query_params.update({"sae": "layers.1", "f": "3:40", "units": "raw", "prompt": "To be", "n": "5"})
+    at.run()
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert not at.exception and not at.error and len(at.text) == 2  # steered beside unsteered
 
 
 # dictionary_learning pulls a second torch (2.14, with CUDA) through nnsight, so these files follow its
@@ -388,7 +398,7 @@ def test_an_export_to_sparsify_loads_there_with_the_same_codes(tmp_path, sparsif
 def test_exports_without_an_equivalent_are_refused(tmp_path, sparsifier, message) -> None:
     from saelab.export import export
 
-    with pytest.raises(CheckpointError, match=message or "allocates latents over the whole batch"):
+    with pytest.raises(CheckpointError, match=message or "no SAELens equivalent"):
         export(_saelab_sae(sparsifier), tmp_path / "out", "sparsify" if message else "saelens")
 
 
@@ -425,3 +435,59 @@ def test_an_export_to_saelens_loads_in_saelens_with_the_same_codes(tmp_path, spa
         assert torch.equal(got != 0, want != 0)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(theirs.decode(want), sae.decode(got), rtol=1e-4, atol=1e-4)
+
+
+@saelens
+@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice"])
+def test_saelabs_own_saved_saes_load_directly_in_saelens(tmp_path, sparsifier) -> None:
+    import sae_lens
+
+    sae = _saelab_sae(sparsifier)
+    sae.save(tmp_path / "run")  # what `saelab train` writes as a run's final SAE
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "run"))
+    assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post" and theirs.cfg.metadata.model_name == "tiny"
+    x = torch.randn(300, 16) * 3
+    with torch.no_grad():
+        want, got = theirs.encode(x), sae.encode(x)
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(theirs.decode(want), sae.decode(got), rtol=1e-4, atol=1e-4)
+    assert SAE.load(tmp_path / "run").cfg == sae.cfg  # and saelab reads it back as the same SAE
+
+
+@saelens
+def test_an_unfolded_saelens_scaling_factor_becomes_the_input_scale(tmp_path) -> None:
+    theirs = _saelens_sae("standard", tmp_path)
+    unfolded = {"normalize_activations": "expected_average_only_in"}
+    cfg = json.loads((tmp_path / "standard" / "cfg.json").read_text()) | unfolded
+    (tmp_path / "standard" / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "standard" / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.25}))
+    sae = SAE.load(tmp_path / "standard")
+    x = torch.randn(200, 16) * 8
+    with torch.no_grad():  # SAELens's trainer feeds such an SAE x * s and divides its output by s
+        want, got = theirs.encode(x * 0.25), sae.encode(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sae.decode(got), theirs.decode(want) / 0.25, rtol=1e-4, atol=1e-4)
+
+
+@saelens
+def test_a_saelens_batchtopk_exports_and_checkpoints_load_as_its_jumprelu(tmp_path) -> None:
+    import sae_lens
+
+    torch.manual_seed(2)
+    cfg = sae_lens.BatchTopKTrainingSAEConfig(d_in=16, d_sae=48, k=4)
+    training = sae_lens.BatchTopKTrainingSAE(cfg)
+    with torch.no_grad():
+        for p in training.parameters():
+            p.normal_(0, 0.5)
+        training.topk_threshold.fill_(0.6)
+    training.save_model(tmp_path / "checkpoint")  # a training checkpoint: batchtopk, its scalar threshold
+    training.save_inference_model(tmp_path / "export")  # what SAELens exports: a jumprelu
+    inference = sae_lens.SAE.load_from_disk(str(tmp_path / "export"))
+    x = torch.randn(300, 16) * 2
+    with torch.no_grad():
+        want = inference.encode(x)
+        for where in ("export", "checkpoint"):
+            got = SAE.load(tmp_path / where).encode(x)
+            assert torch.equal(got != 0, want != 0), where
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -36,19 +36,35 @@ def test_act_scale_is_transparent_to_callers() -> None:
     torch.testing.assert_close(sae(2 * x).recon, 2 * before)
 
 
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "mutualchoice", "relu"])
-def test_save_load_round_trip(tmp_path, name) -> None:
+def test_save_load_round_trip(tmp_path, name, portable) -> None:
+    from saelab.sae import SAELENS_ARCHITECTURES
+
     sae = SAE(SAEConfig(d_in=5, d_sae=20, sparsifier=name, k=2, hook_name="blocks.0.hook_resid_post"))
     sae.train()
     sae(torch.randn(16, 5))  # moves batch-level buffers (threshold, firing rate) off their init
     sae.act_scale.fill_(0.3)
-    sae.save(tmp_path)
+    sae.save(tmp_path, portable=portable)
     assert (tmp_path / "cfg.json").is_file() and (tmp_path / "sae_weights.safetensors").is_file()
     loaded = SAE.load(tmp_path)
     assert loaded.cfg == sae.cfg and not loaded.training  # inference must not move its buffers
-    for key, value in sae.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
-    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == name
+    architecture = json.loads((tmp_path / "cfg.json").read_text())["architecture"]
+    if not portable or name not in SAELENS_ARCHITECTURES:  # every parameter and buffer as it was
+        for key, value in sae.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+        assert architecture == name
+        return
+    # SAELens's layout: the scale folded into the weights, the same SAE.
+    assert architecture == SAELENS_ARCHITECTURES[name] and float(loaded.act_scale) == 1.0
+    x = torch.randn(200, 5) * 3
+    with torch.no_grad():
+        sae.eval()
+        assert torch.equal(loaded.encode(x) != 0, sae.encode(x) != 0)
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.decode(sae.encode(x)), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
+    if name == "batchtopk":
+        assert torch.equal(loaded.sparsifier.threshold, sae.sparsifier.threshold)  # exactly, through the JumpReLU
 
 
 def test_unknown_sparsifier_and_k_above_d_sae() -> None:
