@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,22 @@ def _dense(acts: torch.Tensor, idx: torch.Tensor, d_sae: int) -> torch.Tensor:
     return torch.zeros(acts.shape[0], d_sae).scatter(1, idx, acts)
 
 
+def _sparse(dense: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's k largest entries, as sparsify's decode takes them."""
+    return dense.topk(k, dim=1)
+
+
+def same_codes(ours: SAE, encode: Callable, decode: Callable | None, x: torch.Tensor, tol: float = 1e-4) -> None:
+    """`ours` fires the same latents with the same values on x as another library's `encode` (and, with
+    `decode`, reconstructs the same from them)."""
+    with torch.no_grad():
+        want, got = encode(x), ours.encode(x)
+        assert torch.equal(got != 0, want != 0)  # the same latents fire
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        if decode is not None:
+            torch.testing.assert_close(ours.decode(got), decode(want), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("multi_topk", [False, True])
 def test_a_sparsify_sae_loads_and_encodes_the_same(tmp_path, multi_topk) -> None:
     from sparsify import SparseCoder, SparseCoderConfig
@@ -38,14 +55,8 @@ def test_a_sparsify_sae_loads_and_encodes_the_same(tmp_path, multi_topk) -> None
     sae = SAE.load(tmp_path / "layers.3")
     assert sae.cfg.sparsifier == "topk" and sae.cfg.k == 5 and sae.cfg.hook_name == "blocks.3.hook_resid_post"
     assert sae.imported_from == "sparsify layers.3"
-    x = torch.randn(200, 16)
-    with torch.no_grad():
-        ref = coder.encode(x)
-        theirs = _dense(ref.top_acts, ref.top_indices, 64)
-        ours = sae.encode(x)
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-        assert torch.equal(ours != 0, theirs != 0)  # the same latents fire
-        torch.testing.assert_close(sae.decode(ours), coder.decode(ref.top_acts, ref.top_indices), rtol=1e-5, atol=1e-5)
+    theirs = (lambda x: _dense(*coder.encode(x)[:2], 64)), (lambda f: coder.decode(*_sparse(f)))
+    same_codes(sae, *theirs, torch.randn(200, 16))
     # A folder of several hook points names them; a truncated weights file says so.
     with pytest.raises(CheckpointError, match=r"several SAEs \(layers.3\)"):
         SAE.load(tmp_path)
@@ -88,14 +99,12 @@ def test_a_gemma_scope_sae_loads_as_its_jumprelu(tmp_path) -> None:
     p = {k: torch.from_numpy(v) for k, v in _gemma_scope(where).items()}
     sae = SAE.load(where)
     assert sae.cfg.sparsifier == "jumprelu" and sae.cfg.hook_name == "blocks.7.hook_resid_post"
-    x = torch.randn(300, 12) * 3
-    pre = x @ p["W_enc"] + p["b_enc"]  # Gemma Scope's encoder does not subtract b_dec
-    want = (pre > p["threshold"]) * pre.relu()
-    with torch.no_grad():
-        got = sae.encode(x)
-        assert torch.equal(got != 0, want != 0)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(sae.decode(got), want @ p["W_dec"] + p["b_dec"], rtol=1e-5, atol=1e-4)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        pre = x @ p["W_enc"] + p["b_enc"]  # Gemma Scope's encoder does not subtract b_dec
+        return (pre > p["threshold"]) * pre.relu()
+
+    same_codes(sae, encode, lambda f: f @ p["W_dec"] + p["b_dec"], torch.randn(300, 12) * 3)
     assert SAE.load(where / "params.npz").cfg.d_sae == 40  # the file itself, too
     (where / "params.npz").write_bytes((where / "params.npz").read_bytes()[:200])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -157,12 +166,7 @@ def test_saelens_saes_load_and_encode_the_same(tmp_path, arch, extra, ours) -> N
     theirs = _saelens_sae(arch, tmp_path, **extra)
     sae = SAE.load(tmp_path / arch)
     assert sae.cfg.sparsifier == ours and sae.cfg.hook_name == "blocks.2.hook_resid_post"
-    x = torch.randn(300, 16) * 2
-    with torch.no_grad():
-        want, got = theirs.encode(x), sae.encode(x)
-        assert torch.equal(got != 0, want != 0)  # the same latents fire
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(sae.decode(got), theirs.decode(want), rtol=1e-4, atol=1e-4)
+    same_codes(sae, theirs.encode, theirs.decode, torch.randn(300, 16) * 2)
 
 
 @saelens
@@ -279,11 +283,7 @@ def test_dictionary_learning_checkpoints_load_and_encode_the_same(tmp_path, kind
     (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer}))
     sae = SAE.load(tmp_path)
     assert sae.imported_from == f"dictionary_learning {kind}" and sae.cfg.model_name == "EleutherAI/pythia-70m"
-    x = torch.randn(300, 12) * 2
-    with torch.no_grad():
-        want, got = encode(x), sae.encode(x)
-        assert torch.equal(got != 0, want != 0)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    same_codes(sae, encode, None, torch.randn(300, 12) * 2)
 
 
 def test_dictionary_learning_refuses_what_it_cannot_read(tmp_path) -> None:
@@ -386,12 +386,8 @@ def test_an_export_to_sparsify_loads_there_with_the_same_codes(tmp_path, sparsif
     assert main(["export", str(tmp_path / "run"), "--format", "sparsify", "--out", str(tmp_path / "layers.2")]) == 0
     theirs = SparseCoder.load_from_disk(tmp_path / "layers.2")
     x = torch.randn(200, 16) * 3
-    with torch.no_grad():
-        ref = theirs.encode(x)
-        want, got = _dense(ref.top_acts, ref.top_indices, 48), sae.encode(x)
-        assert torch.equal(got != 0, want != 0)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(SAE.load(tmp_path / "layers.2").encode(x) != 0, got != 0)  # and back
+    same_codes(sae, lambda x: _dense(*theirs.encode(x)[:2], 48), None, x)
+    same_codes(SAE.load(tmp_path / "layers.2"), sae.encode, sae.decode, x)  # and back
 
 
 @pytest.mark.parametrize(("sparsifier", "message"), [("batchtopk", "sparsify reads top-k"), ("mutualchoice", None)])
@@ -410,12 +406,7 @@ def test_an_export_to_saelens_loads_back_with_the_same_codes(tmp_path, sparsifie
     export(sae, tmp_path / "sl", "saelens")
     back = SAE.load(tmp_path / "sl")  # read as SAELens files
     assert back.imported_from.startswith("SAELens") and back.cfg.hook_name == "blocks.2.hook_resid_post"
-    x = torch.randn(300, 16) * 3
-    with torch.no_grad():
-        got, want = back.encode(x), sae.encode(x)
-        assert torch.equal(got != 0, want != 0)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(back.decode(got), sae.decode(want), rtol=1e-4, atol=1e-4)
+    same_codes(back, sae.encode, sae.decode, torch.randn(300, 16) * 3)
 
 
 @saelens
@@ -429,12 +420,7 @@ def test_an_export_to_saelens_loads_in_saelens_with_the_same_codes(tmp_path, spa
     export(sae, tmp_path / "sl", "saelens")
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
     assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
-    x = torch.randn(300, 16) * 3
-    with torch.no_grad():
-        want, got = theirs.encode(x), sae.encode(x)
-        assert torch.equal(got != 0, want != 0)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(theirs.decode(want), sae.decode(got), rtol=1e-4, atol=1e-4)
+    same_codes(sae, theirs.encode, theirs.decode, torch.randn(300, 16) * 3)
 
 
 @saelens
@@ -446,12 +432,7 @@ def test_saelabs_own_saved_saes_load_directly_in_saelens(tmp_path, sparsifier) -
     sae.save(tmp_path / "run")  # what `saelab train` writes as a run's final SAE
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "run"))
     assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post" and theirs.cfg.metadata.model_name == "tiny"
-    x = torch.randn(300, 16) * 3
-    with torch.no_grad():
-        want, got = theirs.encode(x), sae.encode(x)
-        assert torch.equal(got != 0, want != 0)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(theirs.decode(want), sae.decode(got), rtol=1e-4, atol=1e-4)
+    same_codes(sae, theirs.encode, theirs.decode, torch.randn(300, 16) * 3)
     assert SAE.load(tmp_path / "run").cfg == sae.cfg  # and saelab reads it back as the same SAE
 
 
@@ -484,10 +465,5 @@ def test_a_saelens_batchtopk_exports_and_checkpoints_load_as_its_jumprelu(tmp_pa
     training.save_model(tmp_path / "checkpoint")  # a training checkpoint: batchtopk, its scalar threshold
     training.save_inference_model(tmp_path / "export")  # what SAELens exports: a jumprelu
     inference = sae_lens.SAE.load_from_disk(str(tmp_path / "export"))
-    x = torch.randn(300, 16) * 2
-    with torch.no_grad():
-        want = inference.encode(x)
-        for where in ("export", "checkpoint"):
-            got = SAE.load(tmp_path / where).encode(x)
-            assert torch.equal(got != 0, want != 0), where
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for where in ("export", "checkpoint"):
+        same_codes(SAE.load(tmp_path / where), inference.encode, inference.decode, torch.randn(300, 16) * 2)
