@@ -133,6 +133,7 @@ def _saelens_sae(arch: str, tmp_path: Path, **extra):
     kinds = {
         "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
         "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+        "abstopk": (sae_lens.AbsTopKSAE, sae_lens.AbsTopKSAEConfig),
         "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
         "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
     }
@@ -157,6 +158,7 @@ def _saelens_sae(arch: str, tmp_path: Path, **extra):
         ("standard", {}, "relu"),
         ("topk", {"k": 6}, "topk"),
         ("topk", {"k": 6, "rescale_acts_by_decoder_norm": True}, "topk"),
+        ("abstopk", {"k": 6}, "abstopk"),
         ("jumprelu", {}, "jumprelu"),
         ("gated", {}, "jumprelu"),
         ("standard", {"apply_b_dec_to_input": False}, "relu"),
@@ -177,6 +179,8 @@ def test_saelens_saes_load_and_encode_the_same(tmp_path, arch, extra, ours) -> N
         ({"normalize_activations": "constant_norm_rescale"}, "per token"),
         ({"architecture": "transcoder"}, "no exact saelab equivalent"),
         ({"normalize_activations": "expected_average_only_in"}, "scaling factor"),
+        ({"reshape_activations": "hook_z"}, "attention heads"),
+        ({"metadata": {"sae_lens_version": "6.54.12", "hook_head_index": 3}}, "one attention head"),
     ],
 )
 def test_saelens_features_saelab_cannot_represent_are_refused(tmp_path, change, message) -> None:
@@ -452,12 +456,14 @@ def test_an_unfolded_saelens_scaling_factor_becomes_the_input_scale(tmp_path) ->
 
 
 @saelens
-def test_a_saelens_batchtopk_exports_and_checkpoints_load_as_its_jumprelu(tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["BatchTopK", "MatryoshkaBatchTopK"])
+def test_a_saelens_batchtopk_exports_and_checkpoints_load_as_its_jumprelu(tmp_path, kind) -> None:
     import sae_lens
 
     torch.manual_seed(2)
-    cfg = sae_lens.BatchTopKTrainingSAEConfig(d_in=16, d_sae=48, k=4)
-    training = sae_lens.BatchTopKTrainingSAE(cfg)
+    extra = {"matryoshka_widths": [16, 48]} if kind == "MatryoshkaBatchTopK" else {}
+    cfg = getattr(sae_lens, f"{kind}TrainingSAEConfig")(d_in=16, d_sae=48, k=4, **extra)
+    training = getattr(sae_lens, f"{kind}TrainingSAE")(cfg)
     with torch.no_grad():
         for p in training.parameters():
             p.normal_(0, 0.5)
