@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,35 @@ class Imported:
     and `sparsifier.threshold` for jumprelu."""
     source: str
     """What it was read as, e.g. 'SAELens 6.54.12 gated'."""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    """What the files say about where the SAE reads from (model_name, hook_name, ...)."""
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _imported(
+    source: str,
+    W_enc: Tensor,
+    W_dec: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    sparsifier: str,
+    k: int = 1,
+    threshold: Tensor | None = None,
+    scale: float = 1.0,
+    hook: str = "",
+    model: Any = "",
+) -> Imported:
+    """The saelab config and state dict of an SAE given in saelab's parameterisation (b_enc already for an
+    encoder that subtracts b_dec; `scale` the input scale)."""
+    cfg = SAEConfig(
+        d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier=sparsifier, k=k, hook_name=hook,
+        model_name=model if isinstance(model, str) else "",
+    )  # fmt: skip
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "act_scale": torch.tensor(scale)}
+    if threshold is not None:
+        tensors["sparsifier.threshold"] = threshold
+    return Imported(cfg, tensors, source)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a clear error for a corrupt or non-object file."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -68,7 +92,10 @@ def _json(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _safetensors(path: Path) -> dict[str, Tensor]:
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, or a clear error for a missing, truncated or corrupt one."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file missing: {path}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -144,7 +171,7 @@ def read(path: str | Path) -> Imported | None:
         return None
     cfg_path = path / "cfg.json"
     if cfg_path.is_file():
-        raw = _json(cfg_path)
+        raw = read_json(cfg_path)
         if "saelab_format" in raw:
             return None
         if (path / SAELENS_WEIGHTS).is_file():
@@ -185,7 +212,7 @@ SAELENS_REFUSED_NORMS = {
     "layer_norm": "layer-normalises every token's input (a per-token map, not a fixed scale)",
     "covariance_whitening": "whitens its input with statistics kept outside the weights",
 }
-SAELENS_ARCHITECTURES = ("standard", "topk", "abstopk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk")
+SAELENS_READABLE = ("standard", "topk", "abstopk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk")
 
 
 def _saelens(path: Path, raw: dict[str, Any]) -> Imported:
@@ -198,10 +225,10 @@ def _saelens(path: Path, raw: dict[str, Any]) -> Imported:
             meta[new] = raw[old]  # SAELens < 6 kept these at the top level
     arch = raw.get("architecture") or ("topk" if raw.get("activation_fn_str") == "topk" else "standard")
     where = path / "cfg.json"
-    if arch not in SAELENS_ARCHITECTURES:
+    if arch not in SAELENS_READABLE:
         raise CheckpointError(
             f"{where}: SAELens architecture {arch!r} has no exact saelab equivalent "
-            f"(saelab reads {', '.join(SAELENS_ARCHITECTURES)})"
+            f"(saelab reads {', '.join(SAELENS_READABLE)})"
         )
     norm = raw.get("normalize_activations", "none")
     if norm is True or norm is False:  # SAELens < 6
@@ -220,13 +247,13 @@ def _saelens(path: Path, raw: dict[str, Any]) -> Imported:
     if meta.get("hook_head_index") is not None:
         raise CheckpointError(f"{where}: an SAE of one attention head (hook_head_index) is not supported")
 
-    tensors = _safetensors(path / SAELENS_WEIGHTS)
+    tensors = read_safetensors(path / SAELENS_WEIGHTS)
     weights = path / SAELENS_WEIGHTS
     W_enc, W_dec, b_dec = _need(tensors, ["W_enc", "W_dec", "b_dec"], weights)
     scale = 1.0
     if norm == "expected_average_only_in":
         scaler = path / "activation_scaler.json"
-        factor = _json(scaler).get("scaling_factor") if scaler.is_file() else tensors.get("scaling_factor")
+        factor = read_json(scaler).get("scaling_factor") if scaler.is_file() else tensors.get("scaling_factor")
         if factor is None:
             raise CheckpointError(
                 f"{where}: normalize_activations = 'expected_average_only_in' but its scaling factor is neither in "
@@ -256,17 +283,13 @@ def _saelens(path: Path, raw: dict[str, Any]) -> Imported:
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None].clamp_min(1e-12)
     sparsifier = {"standard": "relu", "topk": "topk", "abstopk": "abstopk"}.get(arch, "jumprelu")
     k = int(raw.get("k") or 1) if sparsifier in ("topk", "abstopk") else 1
-    hook, model = meta.get("hook_name") or "", meta.get("model_name") or ""
-    cfg = SAEConfig(
-        d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier=sparsifier, k=k, hook_name=hook, model_name=model
-    )
+    version = meta.get("sae_lens_version", "")
     # With an unfolded scale s, SAELens reads x s and writes its output / s: saelab's act_scale, with
     # every other parameter in the scaled units as they are.
-    out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "act_scale": torch.tensor(scale)}
-    if threshold is not None:
-        out["sparsifier.threshold"] = threshold
-    version = meta.get("sae_lens_version", "")
-    return Imported(cfg, out, f"SAELens {version} {arch}".replace("  ", " "), meta)
+    return _imported(
+        f"SAELens {version} {arch}".replace("  ", " "), W_enc, W_dec, b_enc, b_dec, sparsifier, k, threshold, scale,
+        meta.get("hook_name") or "", meta.get("model_name") or "",
+    )  # fmt: skip
 
 
 def _sparsify(path: Path, raw: dict[str, Any]) -> Imported:
@@ -277,7 +300,7 @@ def _sparsify(path: Path, raw: dict[str, Any]) -> Imported:
             what = {"groupmax": "group-max activations", True: key.replace("_", " ")}[bad]
             raise CheckpointError(f"{where}: {key} = {bad!r}: saelab has no exact equivalent of {what}")
     weights = path / SPARSIFY_WEIGHTS
-    tensors = _safetensors(weights)
+    tensors = read_safetensors(weights)
     enc_w, enc_b, W_dec, b_dec = _need(tensors, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], weights)
     W_enc = enc_w.T.contiguous()
     if "k" not in raw:
@@ -287,13 +310,8 @@ def _sparsify(path: Path, raw: dict[str, Any]) -> Imported:
     hook = f"blocks.{m.group(1)}.hook_resid_post" if m else ""
     # sparsify's trainer writes its run config (with the model it read) beside the hook point folders.
     run_cfg = path.parent / "config.json"
-    model = _json(run_cfg).get("model") or "" if run_cfg.is_file() else ""
-    cfg = SAEConfig(
-        d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier="topk", k=int(raw["k"]), hook_name=hook,
-        model_name=model if isinstance(model, str) else "",
-    )  # fmt: skip
-    out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": enc_b, "b_dec": b_dec, "act_scale": torch.tensor(1.0)}
-    return Imported(cfg, out, f"sparsify {path.name}", {"hook_name": hook, "model_name": cfg.model_name})
+    model = read_json(run_cfg).get("model") or "" if run_cfg.is_file() else ""
+    return _imported(f"sparsify {path.name}", W_enc, W_dec, enc_b, b_dec, "topk", int(raw["k"]), hook=hook, model=model)
 
 
 def _gemma_scope(path: Path) -> Imported:
@@ -307,16 +325,8 @@ def _gemma_scope(path: Path) -> Imported:
     # Gemma Scope's residual-stream SAEs read the output of decoder layer L (`layer_L/` in the repo).
     m = re.search(r"layer_(\d+)", str(path))
     hook = f"blocks.{m.group(1)}.hook_resid_post" if m and "-res" in str(path) else ""
-    cfg = SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], sparsifier="jumprelu", k=1, hook_name=hook)
-    out = {
-        "W_enc": W_enc,
-        "W_dec": W_dec,
-        "b_enc": _centred(W_enc, b_enc, b_dec, subtracts_b_dec=False),
-        "b_dec": b_dec,
-        "act_scale": torch.tensor(1.0),
-        "sparsifier.threshold": threshold,
-    }
-    return Imported(cfg, out, "Gemma Scope", {"hook_name": hook} if hook else {})
+    b_enc = _centred(W_enc, b_enc, b_dec, subtracts_b_dec=False)
+    return _imported("Gemma Scope", W_enc, W_dec, b_enc, b_dec, "jumprelu", threshold=threshold, hook=hook)
 
 
 def _dictionary_learning(path: Path) -> Imported:
@@ -327,7 +337,7 @@ def _dictionary_learning(path: Path) -> Imported:
         raise CheckpointError(
             f"{path} has {DICTIONARY_LEARNING_WEIGHTS} but no config.json to say which dictionary it is"
         )
-    trainer = _json(cfg_path).get("trainer") or {}
+    trainer = read_json(cfg_path).get("trainer") or {}
     kind = trainer.get("dict_class")
     weights = path / DICTIONARY_LEARNING_WEIGHTS
     try:
@@ -368,19 +378,6 @@ def _dictionary_learning(path: Path) -> Imported:
         sparsifier = "jumprelu"
     else:
         raise CheckpointError(f"{cfg_path}: dictionary_learning class {kind!r} is not one saelab reads")
-    if kind != "GatedAutoEncoder":
-        b_enc = _centred(W_enc, b_enc, b_dec, subtracts)
-    model = trainer.get("lm_name") or ""
-    cfg = SAEConfig(
-        d_in=W_enc.shape[0],
-        d_sae=W_enc.shape[1],
-        sparsifier=sparsifier,
-        k=k,
-        model_name=model if isinstance(model, str) else "",
-    )
-    out = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "act_scale": torch.tensor(1.0)}
-    if threshold is not None:
-        out["sparsifier.threshold"] = threshold
-    return Imported(
-        cfg, out, f"dictionary_learning {kind}", {"model_name": cfg.model_name, "layer": trainer.get("layer")}
-    )
+    b_enc = _centred(W_enc, b_enc, b_dec, subtracts)
+    source = f"dictionary_learning {kind}"
+    return _imported(source, W_enc, W_dec, b_enc, b_dec, sparsifier, k, threshold, model=trainer.get("lm_name") or "")

@@ -269,11 +269,14 @@ class LanguageModel(TextTokenizer):
             from transformer_lens import TransformerLensKeyValueCache
 
             tl_cache = TransformerLensKeyValueCache.init_cache(self.tl.cfg, self.device, 1)
+
             # An explicit all-ones mask: without one, TL 3 builds a mask from each call's tokens alone
             # and would mask a trailing pad-id token (SmolLM2's pad is its EOS) that a full pass attends.
-            return lambda tokens: self.tl(
-                tokens.to(self.device), attention_mask=torch.ones_like(tokens), past_kv_cache=tl_cache
-            )
+            def step(tokens: Tensor) -> Tensor:
+                tokens = tokens.to(self.device)
+                return self.tl(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=tl_cache)
+
+            return step
         from transformer_lens.model_bridge.generalized_components import AttentionBridge
 
         attention = [m for m in self.tl.modules() if isinstance(m, AttentionBridge)]

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from saelab import formats, losses, ops
@@ -315,7 +314,7 @@ class SAE(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if portable and self.cfg.n_sources == 1 and self.cfg.sparsifier in SAELENS_ARCHITECTURES:
+        if portable and self._saelens_architecture() is not None:
             tensors, saelens_cfg = self.saelens_layout()
             meta = to_dict(self.cfg) | saelens_cfg | {"saelab_format": PORTABLE_FORMAT}
         else:
@@ -325,6 +324,10 @@ class SAE(nn.Module):
             save_file(tensors, str(tmp))
         write_atomic(path / CFG_FILE, json.dumps(meta, indent=2))
 
+    def _saelens_architecture(self) -> str | None:
+        """The SAELens architecture this SAE is exactly (None: a crosscoder, or no counterpart)."""
+        return SAELENS_ARCHITECTURES.get(self.cfg.sparsifier) if self.cfg.n_sources == 1 else None
+
     def saelens_layout(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """This SAE as SAELens 6 saves its SAEs: the tensors, and the cfg.json entries SAELens reads.
 
@@ -332,8 +335,8 @@ class SAE(nn.Module):
         and reconstructions). batchtopk and featurechoice keep relu(pre) >= t; a SAELens JumpReLU keeps
         pre > t', so t' is the float just below t.
         """
-        arch = SAELENS_ARCHITECTURES.get(self.cfg.sparsifier)
-        if arch is None or self.cfg.n_sources > 1:
+        arch = self._saelens_architecture()
+        if arch is None:
             what = "a crosscoder" if self.cfg.n_sources > 1 else f"a {self.cfg.sparsifier} SAE"
             raise CheckpointError(f"{what} has no SAELens equivalent (its inference rule or its sources differ)")
         s = float(self.act_scale)
@@ -394,7 +397,7 @@ class SAE(nn.Module):
         cfg, version = read_sae_config(path, with_version=True)
         sae = cls.from_config(cfg)
         if version == PORTABLE_FORMAT:
-            tensors = _read_tensors(path / WEIGHTS_FILE)
+            tensors = formats.read_safetensors(path / WEIGHTS_FILE)
             tensors["act_scale"] = torch.ones_like(sae.act_scale)
             if "threshold" in tensors:
                 t = tensors.pop("threshold")
@@ -425,12 +428,7 @@ def read_sae_config(path: Path, with_version: bool = False) -> Any:
     cfg_path = path / CFG_FILE
     if not cfg_path.is_file():
         raise CheckpointError(f"{path} is not an SAE directory: {CFG_FILE} is missing")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is corrupt: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_path} is corrupt: expected a JSON object")
+    raw = formats.read_json(cfg_path)
     version = raw.pop("saelab_format", None)
     for key in ("architecture", *SAELENS_ONLY_KEYS):
         raw.pop(key, None)
@@ -441,18 +439,9 @@ def read_sae_config(path: Path, with_version: bool = False) -> Any:
     return (cfg, version) if with_version else cfg
 
 
-def _read_tensors(weights: Path) -> dict[str, Tensor]:
-    if not weights.is_file():
-        raise CheckpointError(f"weights file missing: {weights}")
-    try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights} is truncated or corrupt ({e})") from e
-
-
 def load_state(module: nn.Module, weights: Path) -> None:
     """Load a safetensors file into `module`, checking that keys and shapes match exactly."""
-    tensors = _read_tensors(weights)
+    tensors = formats.read_safetensors(weights)
     check_state(module, tensors, weights)
     module.load_state_dict(tensors)
 

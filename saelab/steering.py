@@ -308,7 +308,6 @@ def diff_in_means(
     return means[0] - means[1]
 
 
-@torch.no_grad()
 def parse_features(text: str, d_sae: int) -> list[tuple[int, float]]:
     """Features and strengths written `ID:STRENGTH,ID:STRENGTH` (a bare `ID` means strength 1), as in the
     app's steering URL; a clear error names the part that is wrong."""
@@ -498,6 +497,8 @@ def sweep(
         raise DataError(f"kind must be 'add', 'clamp' or 'ablate', got {kind!r}")
     if source is not None and kind != "add":
         raise DataError("a crosscoder source can only be steered with 'add' (clamping needs every source at once)")
+    if baseline is not None and kind == "ablate":
+        raise DataError("the difference-in-means baseline is compared with 'add' or 'clamp' sweeps")
     ids = _feature_ids(sae, list(features))
     strengths = [0.0] if kind == "ablate" else _amounts(list(strengths), len(strengths), "strength")
     if not strengths:
@@ -514,8 +515,6 @@ def sweep(
                 iv = Clamp(sae, f, s, hook_name, units, max_acts)
             settings[(kind, f, s)], aims[(kind, f, s)] = [iv], aim
         if baseline is not None:
-            if kind == "ablate":
-                raise DataError("the difference-in-means baseline is compared with 'add' or 'clamp' sweeps")
             size = _in_units([1.0], [f], units, max_acts, sae) @ _directions(sae, [f], source)
             vector = baseline.to(size) * (size.norm() / baseline.norm().clamp_min(1e-12))
             for s in strengths:

@@ -344,12 +344,15 @@ class Reads(Connection):
             r[0] for r in self._rows("SELECT DISTINCT experiment FROM steering WHERE sae_id = ? ORDER BY 1", [sae_id])
         ]
 
+    def _check_experiment(self, sae_id: str, experiment: str) -> None:
+        """A clear error, naming the stored ones, unless `experiment` is stored for the SAE."""
+        stored = self.steering_experiments(sae_id)
+        if experiment not in stored:
+            raise StoreError(f"no steering experiment {experiment!r} for {sae_id!r}; stored: {stored}")
+
     def steering(self, sae_id: str, experiment: str) -> Any:
         """One steering experiment as a DataFrame (feature, strength, costs, effects)."""
-        if experiment not in self.steering_experiments(sae_id):
-            raise StoreError(
-                f"no steering experiment {experiment!r} for {sae_id!r}; stored: {self.steering_experiments(sae_id)}"
-            )
+        self._check_experiment(sae_id, experiment)
         return self.query(
             f"SELECT {', '.join(STEERING_COLUMNS)} FROM steering WHERE sae_id = ? AND experiment = ?"
             " ORDER BY feature, kind, strength",
@@ -359,7 +362,7 @@ class Reads(Connection):
     def steering_settings(self, sae_id: str, experiment: str) -> dict[str, Any]:
         """The settings an experiment was saved with (empty for experiments saved without, or before
         user data existed)."""
-        self.steering(sae_id, experiment)  # a clear error if there is none
+        self._check_experiment(sae_id, experiment)
         if self.writable:
             return {}  # a writer's connection sees the store file alone
         (text,) = self._rows(

@@ -102,7 +102,7 @@ class Writes(Reads):
 
     def delete_steering(self, sae_id: str, experiment: str) -> None:
         """Remove a saved (or stored) steering experiment."""
-        self.steering(sae_id, experiment)  # a clear error if there is none
+        self._check_experiment(sae_id, experiment)
         self.user.append(
             "experiments",
             {"sae_id": [sae_id], "experiment": [experiment], "deleted": [True], "saved_at": [datetime.now()]},
