@@ -205,9 +205,13 @@ class ArrayActivations:
 
     Epoch e visits rows in the permutation seeded by (seed, e); the position (epoch, batch) is the
     whole state, so a resumed run draws exactly the batches an uninterrupted one would.
+
+    `part = (i, n)` makes it one of n data-parallel readers: batch b is still rows b * batch_size ...
+    of the permutation, and this reader gets the i-th of n equal slices of it. The state stays a
+    position in global batches, so a run resumes at the same token on any number of readers.
     """
 
-    def __init__(self, shards: list[np.ndarray] | Tensor, seed: int = 0):
+    def __init__(self, shards: list[np.ndarray] | Tensor, seed: int = 0, part: tuple[int, int] = (0, 1)):
         self.shards = [shards.numpy()] if isinstance(shards, Tensor) else shards
         if not self.shards:
             raise DataError("no activations to train on")
@@ -216,6 +220,7 @@ class ArrayActivations:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.n_tokens = int(self.offsets[-1])
         self.seed = seed
+        self.part = part
         self.epoch = 0
         self.batch = 0
 
@@ -229,18 +234,34 @@ class ArrayActivations:
         out[order] = np.concatenate(parts)
         return torch.from_numpy(out)
 
-    def batches(self, batch_size: int) -> Iterator[Tensor]:
-        """Endless batches; each epoch drops its last partial batch."""
+    def _per_epoch(self, batch_size: int) -> int:
         per_epoch = self.n_tokens // batch_size
         if per_epoch == 0:
             raise DataError(f"batch_size {batch_size} exceeds the {self.n_tokens} cached activations")
+        if batch_size % self.part[1]:
+            raise DataError(f"batch_size {batch_size} does not split evenly over {self.part[1]} data-parallel ranks")
+        return per_epoch
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_tokens)
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Endless batches (this reader's part of each); each epoch drops its last partial batch."""
+        per_epoch = self._per_epoch(batch_size)
+        i, n = self.part
+        lo, hi = i * batch_size // n, (i + 1) * batch_size // n
         while True:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_tokens)
+            perm = self._perm()
             while self.batch < per_epoch:
-                idx = perm[self.batch * batch_size : (self.batch + 1) * batch_size]
+                start = self.batch * batch_size
                 self.batch += 1
-                yield self.rows(idx)
+                yield self.rows(perm[start + lo : start + hi])
             self.epoch, self.batch = self.epoch + 1, 0
+
+    def whole_batch(self, batch_size: int) -> Tensor:
+        """The next batch whole, every reader's part of it, without moving on (to initialise from)."""
+        self._per_epoch(batch_size)
+        return self.rows(self._perm()[self.batch * batch_size : (self.batch + 1) * batch_size])
 
     def state_dict(self) -> dict[str, Any]:
         """Current (epoch, batch) position."""
@@ -278,12 +299,12 @@ class ActivationCache:
         """Absolute norm threshold used to exclude massive-norm tokens (0 = none)."""
         return float(self.meta["norm_threshold"])
 
-    def source(self, seed: int = 0) -> ArrayActivations:
-        """A shuffled, resumable source over the cached activations."""
+    def source(self, seed: int = 0, part: tuple[int, int] = (0, 1)) -> ArrayActivations:
+        """A shuffled, resumable source over the cached activations (`part`: see `ArrayActivations`)."""
         shards = [np.load(self.path / name, mmap_mode="r") for name in self.meta["shards"]]
         if sum(len(s) for s in shards) != self.n_tokens:
             raise DataError(f"activation cache {self.path} is truncated: shard sizes disagree with meta.json")
-        return ArrayActivations(shards, seed=seed)
+        return ArrayActivations(shards, seed=seed, part=part)
 
     @staticmethod
     def key(cfg: DataConfig, seed: int) -> dict[str, Any]:

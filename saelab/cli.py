@@ -59,6 +59,8 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     cfg = load_config(args.config) if args.config else TrainConfig()
     cfg = apply_overrides(cfg, overrides)
     run = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        return 0
     print(f"run saved to {run}")
     result = RunDir(run).read_eval()
     if result is not None:

@@ -250,6 +250,13 @@ class TrainConfig:
     eval_tokens: int = 20_000
     """Held-out tokens for the final evaluation (0 = skip it)."""
 
+    latent_shards: int = 1
+    """Under torchrun: ranks that split each SAE's latents between them (must divide the number of ranks;
+    the rest of the ranks are data-parallel replicas). 1 = plain data parallelism."""
+
+    dist_timeout_s: float = 300.0
+    """Under torchrun: seconds a rank waits for the others in a collective before it stops with an error."""
+
     def __post_init__(self) -> None:
         if isinstance(self.sae, dict):
             self.sae = from_dict(SAEConfig, self.sae, prefix="sae.")
@@ -262,6 +269,8 @@ class TrainConfig:
             )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.latent_shards < 1 or self.dist_timeout_s <= 0:
+            raise ConfigError("latent_shards must be >= 1 and dist_timeout_s > 0")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.lr < 0:

@@ -15,9 +15,16 @@ def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat - x).pow(2).sum(-1).mean()
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained: ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch."""
-    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+def fvu(x: Tensor, x_hat: Tensor, spread: Tensor | None = None, parts: int = 1) -> Tensor:
+    """Fraction of variance unexplained: ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch.
+
+    For one of `parts` data-parallel parts of a batch, `spread` is the whole batch's ||x - mean(x)||^2
+    (`saelab.collectives.spread`) and the result is scaled so that the parts' mean is the whole batch's
+    FVU, and so is the mean of their gradients.
+    """
+    if spread is None:
+        spread = (x - x.mean(0)).pow(2).sum()
+    return (x_hat - x).pow(2).sum() / spread.clamp_min(1e-12) * parts
 
 
 def l1_decoder_weighted(acts: Tensor, decoder_norms: Tensor) -> Tensor:
@@ -31,15 +38,21 @@ def l1_decoder_weighted(acts: Tensor, decoder_norms: Tensor) -> Tensor:
 
 
 def residual_fit_loss(
-    resid: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, decode: Callable[..., Tensor] = decode_sparse
+    resid: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    decode: Callable[..., Tensor] = decode_sparse,
+    spread: Tensor | None = None,
+    parts: int = 1,
 ) -> Tensor:
     """How badly a sparse code (values, indices [N, k]) predicts the residual error resid [N, d_in].
 
     Normalised like FVU, so the loss is comparable across inputs. This is the loss of AuxK (Gao et al.
     2024; the code is the top dead latents) and of aux_zipf (the code is the top under-used latents).
-    `decode` is the backend's sparse decoder.
+    `decode` is the backend's sparse decoder; `spread` and `parts` as in `fvu`.
     """
-    return fvu(resid, decode(values, indices, W_dec)).nan_to_num(0.0)
+    return fvu(resid, decode(values, indices, W_dec), spread, parts).nan_to_num(0.0)
 
 
 def zipf_targets(d_sae: int, k: int, exponent: float, device: torch.device | None = None) -> Tensor:

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from saelab import formats, losses, ops
+from saelab import collectives, formats, losses, ops
 from saelab.config import SAEConfig, from_dict, to_dict
 from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.files import replacing, write_atomic
@@ -214,11 +214,15 @@ class SAE(nn.Module):
         flat = acts.reshape(-1, self.d_sae).to(self.W_dec.dtype)
         return (self._decode_normalised(Code(flat, None)) / self.act_scale).reshape(*acts.shape[:-1], self.d_in)
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, l1_scale: float = 1.0) -> SAEOutput:
+    def forward(
+        self, x: Tensor, dead_mask: Tensor | None = None, l1_scale: float = 1.0, replicas: Any = None
+    ) -> SAEOutput:
         """Encode, decode and compute losses.
 
         dead_mask [d_sae] (bool) enables AuxK for the top-k family; `l1_scale` multiplies the relu
         L1 coefficient (the trainer ramps it up). A plain loop `sae(x).loss.backward()` trains the SAE.
+        `replicas`: the process group of data-parallel replicas, each holding a part of the batch in `x`;
+        the variance-normalised terms (AuxK, FVU) are then normalised by the whole batch's variance.
         """
         xs = self._flat(x)
         sp, cfg = self.sparsifier, self.cfg
@@ -250,17 +254,19 @@ class SAE(nn.Module):
         if not sp.unit_norm_decoder:
             aux["l1"] = losses.l1_decoder_weighted(code.values, self.decoder_norms())
             loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
+        parts = collectives.size(replicas)
         if aux_scales:
             resid = (xs - recon).detach()
+            spread = collectives.spread(resid, replicas)
             for name, (vals, idx) in zip(aux_scales, aux_codes, strict=True):
-                aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, impl.decode_sparse)
+                aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, impl.decode_sparse, spread, parts)
                 loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
         return SAEOutput(
             recon=(recon / self.act_scale).reshape(x.shape),
             code=code,
             loss=loss,
             mse=mse.detach(),
-            fvu=losses.fvu(xs, recon).detach(),
+            fvu=losses.fvu(xs, recon, collectives.spread(xs, replicas), parts).detach(),
             l0=code.l0().detach(),
             aux={k: v.detach() for k, v in aux.items()},
         )
@@ -313,16 +319,11 @@ class SAE(nn.Module):
         the previous file, not a torn one.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         if portable and self._saelens_architecture() is not None:
             tensors, saelens_cfg = self.saelens_layout()
-            meta = to_dict(self.cfg) | saelens_cfg | {"saelab_format": PORTABLE_FORMAT}
+            write_sae(path, tensors, to_dict(self.cfg) | saelens_cfg | {"saelab_format": PORTABLE_FORMAT})
         else:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            meta = to_dict(self.cfg) | {"architecture": self.cfg.sparsifier, "saelab_format": 1}
-        with replacing(path / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp))
-        write_atomic(path / CFG_FILE, json.dumps(meta, indent=2))
+            save_state(path, self.cfg, self.state_dict())
 
     def _saelens_architecture(self) -> str | None:
         """The SAELens architecture this SAE is exactly (None: a crosscoder, or no counterpart)."""
@@ -421,6 +422,21 @@ def from_release(release: str, sae_id: str, device: str | torch.device = "cpu") 
     if not sae.cfg.model_name and model:
         sae.cfg.model_name = model
     return sae
+
+
+def write_sae(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write an SAE directory: the weights file, then cfg.json, each replaced atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    with replacing(path / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    write_atomic(path / CFG_FILE, json.dumps(meta, indent=2))
+
+
+def save_state(path: str | Path, cfg: SAEConfig, state: dict[str, Tensor]) -> None:
+    """Write an SAE directory in saelab's own layout from its config and full state dict (`SAE.save(portable=False)`),
+    without building the module: a latent-sharded trainer saves the gathered state this way."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    write_sae(Path(path), tensors, to_dict(cfg) | {"architecture": cfg.sparsifier, "saelab_format": 1})
 
 
 def read_sae_config(path: Path, with_version: bool = False) -> Any:

@@ -213,9 +213,12 @@ class _Thresholded(Sparsifier):
     def observe(self, code: Code) -> None:
         """EMA of the smallest positive selected activation."""
         positive = code.values[code.values > 0]
-        if positive.numel() == 0:
-            return
-        low = positive.min().float()
+        if positive.numel():
+            self.update_threshold(positive.min().float())
+
+    @torch.no_grad()
+    def update_threshold(self, low: Tensor) -> None:
+        """One EMA step towards `low`, a batch's smallest positive selected activation."""
         if self.threshold_steps == 0:
             self.threshold.copy_(low)
         else:
@@ -278,10 +281,14 @@ class MutualChoice(Sparsifier):
     @torch.no_grad()
     def observe(self, code: Code) -> None:
         """EMA of each latent's firing rate."""
-        n = code.values.shape[0]
         fired = code.values > 0
         counts = fired.sum(0) if code.indices is None else torch.bincount(code.indices[fired], minlength=self.d_sae)
-        self.firing_rate.mul_(self.momentum).add_((1 - self.momentum) * counts.float() / n)
+        self.update_rate(counts, code.values.shape[0])
+
+    @torch.no_grad()
+    def update_rate(self, counts: Tensor, n_tokens: int) -> None:
+        """One EMA step of the firing rates from a batch of `n_tokens` where latent i fired `counts[i]` times."""
+        self.firing_rate.mul_(self.momentum).add_((1 - self.momentum) * counts.float() / n_tokens)
 
 
 @register
