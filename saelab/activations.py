@@ -17,8 +17,9 @@ a NaN or an infinity are dropped (and counted) the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -136,6 +137,7 @@ class ModelActivations:
         seed: int = 0,
         threshold: float | None = None,
         extra_sources: Sequence[tuple[LanguageModel, str]] = (),
+        read: Callable[[Tensor], Tensor] | None = None,
     ):
         self.sequences = sequences
         self.sources = [(model, hook_name), *extra_sources]
@@ -152,13 +154,15 @@ class ModelActivations:
         self.n_nonfinite = 0
         """... of which with NaN or infinite activations."""
         self._yielded = 0
+        self.read = read or (lambda toks: read_sources(self.sources, toks))
+        """Activations [B, T, n_sources, d] of a batch of sequences (`SharedPass` shares one model pass)."""
 
     def token_batches(self) -> Iterator[Tensor]:
         """Kept activations [m, d] per model batch (m varies with exclusions)."""
         for start in range(0, len(self.sequences), self.model_batch_size):
             toks = self.sequences[start : start + self.model_batch_size]
             # Sources side by side: the outlier rule reads their joint norm.
-            acts = read_sources(self.sources, toks).reshape(-1, self.d_in).float().cpu()
+            acts = self.read(toks).reshape(-1, self.d_in).float().cpu()
             if self.threshold is None:
                 self.threshold = norm_threshold(acts, self.factor)
             keep = keep_mask(acts, self.threshold)
@@ -198,6 +202,30 @@ class ModelActivations:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Not supported for a single-pass live stream: harvest to an `ActivationCache` to resume."""
         raise DataError("a live ModelActivations stream cannot resume; train from an ActivationCache")
+
+
+class SharedPass:
+    """One model forward pass per batch of sequences for several hook points (`LanguageModel.activations_at`).
+
+    `reader(hook)` gives a `ModelActivations` reader for one hook; readers of one pass that ask for the
+    same batch in turn (as harvests in lockstep do) get slices of a single forward pass.
+    """
+
+    def __init__(self, model: LanguageModel, hooks: Sequence[str]):
+        self.model, self.hooks = model, list(hooks)
+        self._key: tuple[int, tuple[int, ...]] | None = None
+        self._acts: dict[str, Tensor] = {}
+
+    def reader(self, hook: str) -> Callable[[Tensor], Tensor]:
+        """A reader of `hook`'s activations [B, T, 1, d]."""
+
+        def read(toks: Tensor) -> Tensor:
+            key = (toks.data_ptr(), tuple(toks.shape))
+            if key != self._key:
+                self._acts, self._key = self.model.activations_at(toks, self.hooks), key
+            return self._acts[hook].unsqueeze(-2)
+
+        return read
 
 
 class ArrayActivations:
@@ -328,13 +356,24 @@ class ActivationCache:
 
         `model_loader` is called only when a harvest is needed, so reusing a cache never loads the model.
         """
-        path = Path(path)
-        key = cls.key(cfg, seed)
-        if (path / "meta.json").is_file():
-            cache = cls(path)
-            if cache.meta.get("key") == key and cache.n_tokens >= cfg.n_tokens:
-                return cache
-        return cls.harvest(model_loader(), cfg, path, seed)
+        return cls.open_or_harvest_many(model_loader, [cfg], [path], seed)[0]
+
+    @classmethod
+    def open_or_harvest_many(
+        cls, model_loader: Any, cfgs: Sequence[DataConfig], paths: Sequence[str | Path], seed: int = 0
+    ) -> list[ActivationCache]:
+        """`open_or_harvest` for several hook points of one model: the caches to (re)make share one harvest."""
+        caches: list[ActivationCache | None] = []
+        for cfg, path in zip(cfgs, paths, strict=True):
+            cache = cls(path) if (Path(path) / "meta.json").is_file() else None
+            ok = cache is not None and cache.meta.get("key") == cls.key(cfg, seed) and cache.n_tokens >= cfg.n_tokens
+            caches.append(cache if ok else None)
+        todo = [i for i, c in enumerate(caches) if c is None]
+        if todo:
+            made = cls.harvest_many(model_loader(), [cfgs[i] for i in todo], [paths[i] for i in todo], seed)
+            for i, cache in zip(todo, made, strict=True):
+                caches[i] = cache
+        return [c for c in caches if c is not None]
 
     @classmethod
     def harvest(cls, model: LanguageModel, cfg: DataConfig, path: str | Path, seed: int = 0) -> ActivationCache:
@@ -343,73 +382,118 @@ class ActivationCache:
         Writes into a temporary directory that replaces `path` at the end (`saelab.files.replacing`),
         so a killed harvest never leaves a cache that looks complete.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Over-provision sequences for the tokens the norm filter will drop.
-        seqs = token_sequences(model, cfg, "train", int(cfg.n_tokens * 1.05) + cfg.context_size, seed)
-        src = ModelActivations(
-            model,
-            cfg.hook_name,
-            seqs,
-            cfg.model_batch_size,
-            cfg.exclude_norm_factor,
-            cfg.buffer_tokens,
-            n_tokens=cfg.n_tokens,
-            seed=seed,
-            extra_sources=load_cross_sources(model, cfg),
-        )
-        with replacing(path) as tmp:
-            tmp.mkdir()
-            shards = cls._write_shards(src, tmp, cfg)
-            meta = {
-                "key": cls.key(cfg, seed),
-                "n_tokens": cfg.n_tokens,
-                "d_in": src.d_in // len(src.sources),
-                "n_sources": len(src.sources),
-                "dtype": "float16",
-                "shards": shards,
-                "norm_threshold": src.threshold or 0.0,
-                "tokens_seen": src.n_seen,
-                "tokens_excluded": src.n_excluded,
-                "tokens_nonfinite": src.n_nonfinite,
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        return cls(path)
+        return cls.harvest_many(model, [cfg], [path], seed)[0]
 
-    @staticmethod
-    def _write_shards(src: ModelActivations, out: Path, cfg: DataConfig) -> list[str]:
-        """Write the first `cfg.n_tokens` kept activations of `src` as float16 shards; their file names."""
-        shards: list[str] = []
-        pending: list[Tensor] = []
-        written = 0
+    @classmethod
+    def harvest_many(
+        cls, model: LanguageModel, cfgs: Sequence[DataConfig], paths: Sequence[str | Path], seed: int = 0
+    ) -> list[ActivationCache]:
+        """`harvest` for several hook points of one model in one pass over the corpus (one forward pass
+        per batch of sequences, stopped after the deepest hook). Each cache is the one `harvest` would
+        write for its config alone, so an SAE trained from it equals one trained from a harvest of its own.
 
-        def flush(rows: Tensor) -> None:
-            largest = float(rows.abs().max())
-            if largest > float(np.finfo(np.float16).max):  # it would be cached as inf
-                raise DataError(
-                    f"activations at {cfg.hook_name} exceed float16's range (largest |value| {largest:.3g} > 65504), "
-                    "which the cache stores; set data.exclude_norm_factor to leave such tokens out"
-                )
-            name = f"shard_{len(shards):05d}.npy"
-            np.save(out / name, rows.numpy().astype(np.float16))
-            shards.append(name)
-
-        with tqdm(total=cfg.n_tokens, desc=f"harvest {cfg.hook_name}", unit="tok", smoothing=0.1) as bar:
-            for chunk in src.token_batches():
-                chunk = chunk[: cfg.n_tokens - written]
-                pending.append(chunk)
-                written += len(chunk)
-                bar.update(len(chunk))
-                if sum(len(p) for p in pending) >= SHARD_TOKENS:
-                    flush(torch.cat(pending))
-                    pending = []
-                if written >= cfg.n_tokens:
-                    break
-        if pending:
-            flush(torch.cat(pending))
-        if written < cfg.n_tokens:
-            raise DataError(
-                f"the corpus's training part gave only {written} usable tokens, fewer than data.n_tokens = "
-                f"{cfg.n_tokens}; lower n_tokens or use a larger corpus"
+        The configs may differ only in `hook_name` and `cache_dir`.
+        """
+        first = cfgs[0]
+        for cfg in cfgs[1:]:
+            differ = sorted(
+                k for k, v in vars(cfg).items() if k not in ("hook_name", "cache_dir") and v != vars(first)[k]
             )
-        return shards
+            if differ or cfg.cross_sources:
+                raise DataError(
+                    f"one harvest serves hook points of one model on one corpus: the data configs of "
+                    f"{first.hook_name} and {cfg.hook_name} differ in {differ or ['cross_sources']}"
+                )
+        for path in paths:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Over-provision sequences for the tokens the norm filter will drop.
+        seqs = token_sequences(model, first, "train", int(first.n_tokens * 1.05) + first.context_size, seed)
+        shared = SharedPass(model, [c.hook_name for c in cfgs]) if len(cfgs) > 1 else None
+        srcs = [
+            ModelActivations(
+                model,
+                cfg.hook_name,
+                seqs,
+                cfg.model_batch_size,
+                cfg.exclude_norm_factor,
+                cfg.buffer_tokens,
+                n_tokens=cfg.n_tokens,
+                seed=seed,
+                extra_sources=load_cross_sources(model, cfg),
+                read=shared.reader(cfg.hook_name) if shared is not None else None,
+            )
+            for cfg in cfgs
+        ]
+        what = first.hook_name if len(cfgs) == 1 else f"{len(cfgs)} hook points"
+        with contextlib.ExitStack() as stack:
+            tmps = [stack.enter_context(replacing(path)) for path in paths]
+            writers = [_ShardWriter(tmp, cfg) for tmp, cfg in zip(tmps, cfgs, strict=True)]
+            streams = [src.token_batches() for src in srcs]
+            active = list(range(len(cfgs)))
+            with tqdm(total=first.n_tokens, desc=f"harvest {what}", unit="tok", smoothing=0.1) as bar:
+                while active:  # in lockstep, so every stream reads the batch the shared pass holds
+                    for i in list(active):
+                        chunk = next(streams[i], None)
+                        if chunk is None or writers[i].add(chunk):
+                            active.remove(i)
+                    bar.update(min(w.written for w in writers) - bar.n)
+            for tmp, cfg, src, writer in zip(tmps, cfgs, srcs, writers, strict=True):
+                meta = {
+                    "key": cls.key(cfg, seed),
+                    "n_tokens": cfg.n_tokens,
+                    "d_in": src.d_in // len(src.sources),
+                    "n_sources": len(src.sources),
+                    "dtype": "float16",
+                    "shards": writer.finish(),
+                    "norm_threshold": src.threshold or 0.0,
+                    "tokens_seen": src.n_seen,
+                    "tokens_excluded": src.n_excluded,
+                    "tokens_nonfinite": src.n_nonfinite,
+                }
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        return [cls(path) for path in paths]
+
+
+class _ShardWriter:
+    """Writes the first `cfg.n_tokens` kept activations handed to `add` as float16 shards in `out`."""
+
+    def __init__(self, out: Path, cfg: DataConfig):
+        out.mkdir()
+        self.out, self.cfg = out, cfg
+        self.shards: list[str] = []
+        self.pending: list[Tensor] = []
+        self.written = 0
+
+    def add(self, chunk: Tensor) -> bool:
+        """Take a model batch's kept activations [m, d]; True once `n_tokens` are in."""
+        chunk = chunk[: self.cfg.n_tokens - self.written]
+        self.pending.append(chunk)
+        self.written += len(chunk)
+        if sum(len(p) for p in self.pending) >= SHARD_TOKENS:
+            self._flush()
+        return self.written >= self.cfg.n_tokens
+
+    def _flush(self) -> None:
+        rows, self.pending = torch.cat(self.pending), []
+        if not len(rows):
+            return
+        largest = float(rows.abs().max())
+        if largest > float(np.finfo(np.float16).max):  # it would be cached as inf
+            raise DataError(
+                f"activations at {self.cfg.hook_name} exceed float16's range (largest |value| {largest:.3g} > 65504), "
+                "which the cache stores; set data.exclude_norm_factor to leave such tokens out"
+            )
+        name = f"shard_{len(self.shards):05d}.npy"
+        np.save(self.out / name, rows.numpy().astype(np.float16))
+        self.shards.append(name)
+
+    def finish(self) -> list[str]:
+        """Write what is pending; the shard file names. Too few tokens in the corpus is an error."""
+        if self.pending:
+            self._flush()
+        if self.written < self.cfg.n_tokens:
+            raise DataError(
+                f"the corpus's training part gave only {self.written} usable tokens, fewer than data.n_tokens = "
+                f"{self.cfg.n_tokens}; lower n_tokens or use a larger corpus"
+            )
+        return self.shards

@@ -1,4 +1,5 @@
-"""Command line: `saelab train --config FILE [--key value ...]`, `saelab eval RUN_DIR [--json]`,
+"""Command line: `saelab train [--config FILE ...] [--hooks H1,H2,...] [--key value ...]` (under torchrun
+too), `saelab eval RUN_DIR [--json]`,
 `saelab analyze RUN_DIR --tokens N [--store PATH]`, `saelab diff SAE_ID`, `saelab finetune --out DIR`,
 `saelab export RUN_DIR --format saelens|sparsify --out DIR`,
 `saelab app [--store PATH] [--host H] [--port P]`.
@@ -22,7 +23,7 @@ from typing import NoReturn, get_type_hints
 
 from saelab.app import DEFAULT_STORE, MAIN, STORE_ENV
 from saelab.config import AnalysisConfig, DataConfig, TrainConfig, apply_overrides, field_docs, load_config
-from saelab.errors import SaelabError, SetupError
+from saelab.errors import ConfigError, SaelabError, SetupError
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
@@ -54,17 +55,22 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from saelab.results import format_table
     from saelab.rundir import RunDir
-    from saelab.trainer import train
+    from saelab.trainer import per_hook, train, train_many
 
-    cfg = load_config(args.config) if args.config else TrainConfig()
-    cfg = apply_overrides(cfg, overrides)
-    run = train(cfg)
+    cfgs = [apply_overrides(load_config(path), overrides) for path in args.config or []]
+    cfgs = cfgs or [apply_overrides(TrainConfig(), overrides)]
+    if args.hooks:
+        if len(cfgs) > 1:
+            raise ConfigError("give --hooks with one config (each hook gets a copy of it), or several --config files")
+        cfgs = per_hook(cfgs[0], [h.strip() for h in args.hooks.split(",") if h.strip()])
+    runs = [train(cfgs[0])] if len(cfgs) == 1 else train_many(cfgs)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return 0
-    print(f"run saved to {run}")
-    result = RunDir(run).read_eval()
-    if result is not None:
-        print(format_table(result))
+    for run in runs:
+        print(f"run saved to {run}")
+        result = RunDir(run).read_eval()
+        if result is not None:
+            print(format_table(result))
     return 0
 
 
@@ -165,7 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an SAE (harvesting activations if needed)",
         description="Train an SAE. Options override the config file's values.",
     )
-    train.add_argument("--config", help="TOML or JSON TrainConfig file (see data/configs/)")
+    train.add_argument(
+        "--config",
+        action="append",
+        help="TOML or JSON TrainConfig file (see data/configs/); several train one SAE each from one harvest "
+        "(they may differ in hook point, SAE and optimisation)",
+    )
+    train.add_argument(
+        "--hooks",
+        default=None,
+        help="comma-separated hook points: one SAE on each, from one harvest, run i in <out_dir>/<hook i>",
+    )
     _add_config_options(train, TrainConfig)
     ev = add("eval", help="evaluate a trained SAE on held-out text")
     ev.add_argument("run_dir", help="directory holding cfg.json and sae_weights.safetensors")
@@ -238,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
+            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "hooks", "debug")}
             return _cmd_train(args, overrides)
         if args.command == "finetune":
             return _cmd_finetune(args)

@@ -218,18 +218,30 @@ class LanguageModel(TextTokenizer):
             **kwargs,
         )
 
-    @torch.inference_mode()
     def activations(self, tokens: Tensor, hook_name: str) -> Tensor:
         """Activations at `hook_name` for tokens [B, T] -> [B, T, d], stopping the pass at that layer."""
-        store: list[Tensor] = []
+        return self.activations_at(tokens, [hook_name])[hook_name]
 
-        def grab(act: Tensor, hook: Any) -> None:
-            store.append(act.detach())
+    @torch.inference_mode()
+    def activations_at(self, tokens: Tensor, hook_names: Sequence[str]) -> dict[str, Tensor]:
+        """Activations [B, T, d] at each of `hook_names` from one forward pass, stopped after the deepest."""
+        store: dict[str, Tensor] = {}
 
-        self.run_with_hooks(tokens, [(hook_name, grab)], return_type=None, stop_at_layer=self.stop_layer(hook_name))
-        if not store:
-            raise DataError(f"hook {hook_name!r} did not fire during the forward pass")
-        return store[0]
+        def grabber(name: str) -> HookFn:
+            # Bound by name: TL 4's bridge may call a hook with an aliased hook object.
+            def grab(act: Tensor, hook: Any) -> None:
+                store[name] = act.detach()
+
+            return grab
+
+        stops = [self.stop_layer(h) for h in hook_names]
+        stop = None if None in stops else max(s for s in stops if s is not None)
+        hooks = [(h, grabber(h)) for h in hook_names]
+        self.run_with_hooks(tokens, hooks, return_type=None, stop_at_layer=stop)
+        missing = [h for h in hook_names if h not in store]
+        if missing:
+            raise DataError(f"hook(s) {missing} did not fire during the forward pass")
+        return store
 
     def hook_width(self, hook_name: str) -> int:
         """Last-dimension size of the activations at `hook_name` (found with a one-token pass)."""

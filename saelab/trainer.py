@@ -15,7 +15,7 @@ import importlib.util
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +420,18 @@ def _train(cfg: TrainConfig, mesh: Mesh | None) -> Path:
     run = RunDir(cfg.out_dir)
     distributed.check_agreement(mesh, "run", {"config": to_dict(cfg)})
     run.path.mkdir(parents=True, exist_ok=True)
+    get_model = _model_loader(cfg)
+
+    def open_cache() -> ActivationCache:
+        return ActivationCache.open_or_harvest(get_model, cfg.data, run.activation_cache(cfg.data), cfg.seed)
+
+    cache = open_cache() if mesh is None else mesh.main_first(open_cache)
+    distributed.check_agreement(mesh, "activation cache", {"cache": cache.meta})
+    return _fit_run(cfg, cache, get_model, mesh)
+
+
+def _model_loader(cfg: TrainConfig) -> Callable[[], Any]:
+    """Loads the run's model on first call only (a reused cache never needs it)."""
     model = None
 
     def get_model() -> Any:
@@ -428,11 +440,12 @@ def _train(cfg: TrainConfig, mesh: Mesh | None) -> Path:
             model = load_model(cfg.data.model, cfg.data.device)
         return model
 
-    def open_cache() -> ActivationCache:
-        return ActivationCache.open_or_harvest(get_model, cfg.data, run.activation_cache(cfg.data), cfg.seed)
+    return get_model
 
-    cache = open_cache() if mesh is None else mesh.main_first(open_cache)
-    distributed.check_agreement(mesh, "activation cache", {"cache": cache.meta})
+
+def _fit_run(cfg: TrainConfig, cache: ActivationCache, get_model: Callable[[], Any], mesh: Mesh | None) -> Path:
+    """Train the run's SAE from its activation cache, then save and evaluate it (rank 0)."""
+    run = RunDir(cfg.out_dir)
     sae_cfg = dataclasses.replace(
         cfg.sae.resolve(int(cache.meta["d_in"])),
         model_name=cfg.data.model,
@@ -451,3 +464,53 @@ def _train(cfg: TrainConfig, mesh: Mesh | None) -> Path:
         if cfg.eval_tokens:
             evaluate_run(run.path, get_model(), cfg.data, cfg.eval_tokens)
     return run.path
+
+
+def per_hook(cfg: TrainConfig, hooks: Sequence[str]) -> list[TrainConfig]:
+    """One config per hook point, each writing to `<out_dir>/<hook>` (`saelab train --hooks a,b,...`)."""
+    if not hooks or len(set(hooks)) != len(hooks):
+        raise ConfigError(f"--hooks needs distinct hook points, got {list(hooks)}")
+    return [
+        dataclasses.replace(
+            cfg, out_dir=str(Path(cfg.out_dir) / hook), data=dataclasses.replace(cfg.data, hook_name=hook)
+        )
+        for hook in hooks
+    ]
+
+
+def train_many(cfgs: Sequence[TrainConfig]) -> list[Path]:
+    """Several runs on hook points of one model from one harvest (`saelab train --hooks` or several
+    `--config`s): each config may set its own SAE (width, sparsifier, k) and optimisation, and each SAE
+    equals the one `train` would give its config alone.
+
+    Under torchrun the runs are spread over the ranks, run i on rank i % world: each rank harvests its
+    own hook points in one pass and trains its SAEs whole, with no collectives between ranks while they
+    train. Returns the run directories (on every rank, all of them).
+    """
+    first = cfgs[0]
+    outs = [str(Path(c.out_dir).resolve()) for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError(f"each run needs its own out_dir, got {outs}")
+    for cfg in cfgs[1:]:
+        if cfg.seed != first.seed or cfg.device != first.device or cfg.latent_shards != 1:
+            raise ConfigError("runs sharing a harvest need the same seed and device, and latent_shards = 1")
+    caches = [RunDir(c.out_dir).activation_cache(c.data).resolve() for c in cfgs]
+    if len(set(caches)) != len(caches):
+        raise ConfigError("runs sharing a harvest write one cache each: give them distinct data.cache_dir values")
+    mesh = distributed.init(first.device, 1, first.dist_timeout_s)
+    ok = False
+    try:
+        distributed.check_agreement(mesh, "runs", {"configs": [to_dict(c) for c in cfgs]})
+        mine = [i for i in range(len(cfgs)) if mesh is None or i % mesh.world == mesh.rank]
+        if mine:
+            get_model = _model_loader(first)
+            made = ActivationCache.open_or_harvest_many(
+                get_model, [cfgs[i].data for i in mine], [caches[i] for i in mine], first.seed
+            )
+            for i, cache in zip(mine, made, strict=True):
+                RunDir(cfgs[i].out_dir).path.mkdir(parents=True, exist_ok=True)
+                _fit_run(cfgs[i], cache, get_model, None)
+        ok = True
+    finally:
+        distributed.finish(mesh, ok)
+    return [Path(c.out_dir) for c in cfgs]

@@ -12,6 +12,7 @@ import torch
 from saelab.activations import ActivationCache, ArrayActivations, ModelActivations, keep_mask, norm_threshold
 from saelab.config import DataConfig, mixture_parts
 from saelab.corpus import token_sequences
+from saelab.errors import DataError
 
 
 def data_cfg(tiny_model_dir, corpus_dir, **kw) -> DataConfig:
@@ -125,3 +126,32 @@ def test_mixed_corpora_alternate_sequences(tiny_model, tiny_model_dir, tmp_path)
     plus = tmp_path / "c+d.txt"  # an existing path is one corpus, '+' in its name or not
     plus.write_text("x")
     assert mixture_parts(str(plus)) == [str(plus)]
+
+
+def test_one_harvest_for_several_hooks_equals_a_harvest_each(tiny_model, tiny_model_dir, corpus_dir, tmp_path) -> None:
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    cfgs = [dataclasses.replace(data_cfg(tiny_model_dir, corpus_dir), hook_name=h) for h in hooks]
+    passes = []
+    real = tiny_model.activations_at
+
+    def counted(tokens, names):
+        if tokens.numel() > 1:  # not hook_width's one-token probe
+            passes.append(list(names))
+        return real(tokens, names)
+
+    tiny_model.activations_at = counted
+    try:
+        many = ActivationCache.harvest_many(tiny_model, cfgs, [tmp_path / f"many{i}" for i in range(3)])
+        n_shared = len(passes)
+        alone = [ActivationCache.harvest(tiny_model, c, tmp_path / f"alone{i}") for i, c in enumerate(cfgs)]
+    finally:
+        del tiny_model.activations_at
+    assert n_shared > 0 and all(p == hooks for p in passes[:n_shared])  # one pass per batch, every hook in it
+    assert len(passes) - n_shared >= 3 * n_shared  # harvesting alone takes a pass per hook and batch
+    for a, b in zip(many, alone, strict=True):
+        assert a.meta == b.meta
+        idx = np.arange(a.n_tokens)
+        assert torch.equal(a.source().rows(idx), b.source().rows(idx))
+    with pytest.raises(DataError, match="differ in \\['context_size'\\]"):
+        other = dataclasses.replace(cfgs[1], context_size=8)
+        ActivationCache.harvest_many(tiny_model, [cfgs[0], other], [tmp_path / "x", tmp_path / "y"])

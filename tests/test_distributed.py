@@ -210,3 +210,51 @@ def test_torchrun_cli_latent_sharded_equals_one_process(tiny_model_dir, corpus_d
     _close(a.state_dict(), b.state_dict())
     last = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(last["ranks"]) == 2
+
+
+def test_three_hook_points_on_two_ranks_equal_their_single_runs(tiny_model_dir, corpus_dir, tmp_path: Path) -> None:
+    """Three configs (their own hook, width and k) spread over 2 ranks: rank 0 harvests two hooks in one
+    pass, rank 1 one; each SAE equals the one its config trains alone."""
+    from test_cli import tiny_args
+
+    from saelab import SAE
+
+    args = tiny_args(tiny_model_dir, corpus_dir, "unused")
+    common = [
+        a
+        for i, a in enumerate(args)
+        if not {args[i - (i % 2)]} & {"--out_dir", "--data.hook_name", "--sae.k", "--sae.expansion_factor"}
+    ]
+    runs = [("blocks.0.hook_resid_post", 2, 4), ("blocks.1.hook_resid_post", 3, 5), ("blocks.1.hook_mlp_out", 1, 3)]
+    configs = []
+    for i, (hook, factor, k) in enumerate(runs):
+        path = tmp_path / f"c{i}.toml"
+        path.write_text(
+            f'out_dir = "{tmp_path / "many" / str(i)}"\n[data]\nhook_name = "{hook}"\n'
+            f"[sae]\nexpansion_factor = {factor}\nk = {k}\n"
+        )
+        configs += ["--config", str(path)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    done = subprocess.run([*launcher, "-m", "saelab", "train", *configs, *common, "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run saved to") == 3
+    assert "harvest 2 hook points" in done.stderr and "harvest blocks.1.hook_resid_post" in done.stderr
+    for i, (hook, factor, k) in enumerate(runs):
+        alone = tmp_path / "alone" / str(i)
+        cmd = [sys.executable, "-m", "saelab", "train", "--config", str(tmp_path / f"c{i}.toml"), *common]
+        single = subprocess.run([*cmd, "--device", "cpu", "--out_dir", str(alone)],
+                                capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+        assert single.returncode == 0, single.stderr[-3000:]
+        a, b = SAE.load(tmp_path / "many" / str(i)), SAE.load(alone)
+        assert a.cfg.hook_name == hook and a.d_sae == 32 * factor and a.cfg.k == k
+        _close(a.state_dict(), b.state_dict())
