@@ -101,6 +101,8 @@ def _cmd_analyze(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     cfg = apply_overrides(AnalysisConfig(), overrides)
     info = analyze(args.run_dir, args.store, cfg, sae_id=args.name, data=_data(args))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     t = info.timings
     rest = sum(v for k, v in t.items() if k != "model_forward_s")
     print(f"analysed {info.sae_id!r} into {args.store}")

@@ -258,3 +258,41 @@ def test_three_hook_points_on_two_ranks_equal_their_single_runs(tiny_model_dir, 
         a, b = SAE.load(tmp_path / "many" / str(i)), SAE.load(alone)
         assert a.cfg.hook_name == hook and a.d_sae == 32 * factor and a.cfg.k == k
         _close(a.state_dict(), b.state_dict())
+
+
+def test_sharded_analysis_equals_one_process(tiny_model_dir, corpus_dir, tmp_path: Path) -> None:
+    """`torchrun ... -m saelab analyze`: each rank spills its chunks, rank 0 reduces them into the store."""
+    import duckdb
+    from test_cli import tiny_args
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+
+    def saelab(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, *launcher, "-m", "saelab", *args], capture_output=True, text=True,
+                              timeout=600, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    saelab("train", *tiny_args(tiny_model_dir, corpus_dir, run), "--device", "cpu", "--eval_tokens", "0")
+    analysis = ["--tokens", "1024", "--model_batch_size", "4", "--n_top", "5"]
+    saelab("analyze", str(run), "--store", str(tmp_path / "one.duckdb"), *analysis)
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()))
+    two = saelab("analyze", str(run), "--store", str(tmp_path / "two.duckdb"), *analysis, launcher=torchrun)
+    assert two.stdout.count("analysed 'run'") == 1
+    assert "model + SAE: 100%" in two.stderr and "| 4/4 " in two.stderr  # 8 chunks, 4 on each rank
+    assert not (tmp_path / ".two.duckdb.work").exists()  # the spill is removed once reduced
+
+    def rows(store: str, table: str) -> list:
+        with duckdb.connect(str(tmp_path / store), read_only=True) as con:
+            return con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+
+    for table in ("features", "examples"):
+        one = rows("one.duckdb", table)
+        assert one and one == rows("two.duckdb", table), table
+    with (
+        duckdb.connect(str(tmp_path / "one.duckdb"), read_only=True) as a,
+        duckdb.connect(str(tmp_path / "two.duckdb"), read_only=True) as b,
+    ):
+        query = "SELECT n_tokens, n_outliers, n_dead, density_counts FROM saes"
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()

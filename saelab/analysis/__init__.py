@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab import __version__
+from saelab import __version__, distributed
 from saelab.activations import check_sources
 from saelab.analysis.reduce import blocks, reduce_block
 from saelab.analysis.spill import (
@@ -44,6 +44,7 @@ from saelab.analysis.spill import (
 from saelab.analysis.tables import diffing_table, examples_table, features_table, train_metrics_table, vocab_table
 from saelab.analysis.weights import diffing_columns, logits_and_neighbours, vocab_texts
 from saelab.config import AnalysisConfig, DataConfig, to_dict
+from saelab.distributed import Mesh
 from saelab.errors import DataError
 from saelab.evals import density_histogram
 from saelab.models import LanguageModel
@@ -70,8 +71,15 @@ def analyze(
     default to what the run trained with; `on_chunk(i)` is called after each spilled chunk.
     """
     run = RunDir(run_dir)
-    sae, data, sources = run.load(model, data)
-    return analyze_sae(sae, sources, data, store, cfg or AnalysisConfig(), sae_id or run.name, run, on_chunk)
+    mesh = distributed.init()
+    ok = False
+    try:
+        sae, data, sources = run.load(model, data)
+        info = analyze_sae(sae, sources, data, store, cfg or AnalysisConfig(), sae_id or run.name, run, on_chunk, mesh)
+        ok = True
+        return info
+    finally:
+        distributed.finish(mesh, ok)
 
 
 def analyze_sae(
@@ -83,9 +91,17 @@ def analyze_sae(
     sae_id: str,
     run: RunDir | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> SAEInfo:
     """Analyse an SAE in memory that reads `sources` ((model, hook) pairs, one per SAE source) over the
-    held-out part of `data`; `run` (if any) supplies the training curves and eval stored with it."""
+    held-out part of `data`; `run` (if any) supplies the training curves and eval stored with it.
+
+    With a `mesh` (under torchrun) each rank encodes its share of the chunks (chunk i on rank i % world)
+    into the shared work directory, and rank 0 reduces them all into the store: the same store as one
+    process writes, since the reduction reads the same chunks. The work directory must be on a
+    filesystem every rank sees; spills made elsewhere can also be copied into it, and a plain
+    `saelab analyze` then only reduces them (it skips chunks already on disk).
+    """
     if len(sources) != sae.cfg.n_sources:
         raise DataError(f"the SAE reads {sae.cfg.n_sources} source(s); {len(sources)} given")
     width = check_sources(sources)
@@ -98,12 +114,25 @@ def analyze_sae(
     weights = run.path / WEIGHTS_FILE if run is not None else None
     key = work_key(sae, weights, sources, data, cfg)
     work = WorkDir(default_work_dir(store, sae_id), key, cfg.model_batch_size)
-    tokens = work.tokens(sources[0][0], data, cfg.n_tokens)
-    n_chunks = encode(sae, sources, tokens, work, f"analyze {sae_id}", on_chunk)
-    totals = work.totals(n_chunks, sae.d_sae)
-    row = _sae_row(sae, sources, data, cfg, sae_id, run, totals, len(tokens))
-    _write(store, row, sae, sources, cfg, run, work, tokens, n_chunks, totals)
-    work.remove()
+
+    def held_out() -> np.ndarray:
+        return work.tokens(sources[0][0], data, cfg.n_tokens)
+
+    tokens = held_out() if mesh is None else mesh.main_first(held_out)
+    part = (0, 1) if mesh is None else (mesh.rank, mesh.world)
+    n_chunks = encode(sae, sources, tokens, work, f"analyze {sae_id}", on_chunk, part)
+
+    def reduce() -> None:
+        totals = work.totals(n_chunks, sae.d_sae)
+        row = _sae_row(sae, sources, data, cfg, sae_id, run, totals, len(tokens))
+        _write(store, row, sae, sources, cfg, run, work, tokens, n_chunks, totals)
+        work.remove()
+
+    if mesh is None:
+        reduce()
+    else:
+        mesh.wait()  # every chunk spilled
+        mesh.main_first(lambda: reduce() if mesh.is_main else None)
     with FeatureStore(store) as reader:
         return reader.sae(sae_id)
 

@@ -199,18 +199,21 @@ def encode(
     work: WorkDir,
     desc: str,
     on_chunk: Callable[[int], None] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> int:
     """Run model(s) and SAE over every chunk not yet spilled; returns the number of chunks.
 
     Each chunk holds the non-zero activations sorted by (row, feature), token counts, timings, and
-    for a two-source crosscoder its Latent Scaling sums (`saelab.diffing.ScalingRatios`).
+    for a two-source crosscoder its Latent Scaling sums (`saelab.diffing.ScalingRatios`). With
+    `part = (i, n)` only chunks c with c % n == i are this caller's (one of n ranks).
     """
     B = work.chunk_size
     n_chunks = work.n_chunks(tokens)
-    todo = [i for i in range(n_chunks) if not work.chunk_path(i).is_file()]
+    mine = range(part[0], n_chunks, part[1])
+    todo = [i for i in mine if not work.chunk_path(i).is_file()]
     device = sae.W_enc.device
     dirs = source_directions(sae, len(sources)) if len(sources) == 2 else None
-    for i in tqdm(todo, desc=f"{desc}: model + SAE", unit="chunk", initial=n_chunks - len(todo), total=n_chunks):
+    for i in tqdm(todo, desc=f"{desc}: model + SAE", unit="chunk", initial=len(mine) - len(todo), total=len(mine)):
         t0 = time.perf_counter()
         toks = torch.from_numpy(np.asarray(tokens[i * B : (i + 1) * B], dtype=np.int64))
         acts = read_sources(sources, toks)
