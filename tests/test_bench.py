@@ -24,3 +24,13 @@ def test_generate_bench_runs(tiny_model_dir) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| saelab generate")]
     assert len(rows) == 4 and all(row.endswith("| yes |") for row in rows)
+
+
+def test_distributed_bench_runs(tiny_model_dir) -> None:
+    cmd = [sys.executable, str(ROOT / "bench" / "distributed.py"), "--model", str(tiny_model_dir), "--no-save"]
+    cmd += ["--hooks", "blocks.0.hook_resid_post,blocks.1.hook_resid_post", "--tokens", "1024"]
+    cmd += ["--shape", "32,64,4", "--batch", "128", "--steps", "5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| one pass for all hooks |" in done.stdout
+    assert "| latent-sharded, 2 ranks x 1 thread |" in done.stdout
