@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--hooks", default=DEFAULT_HOOKS)
     p.add_argument("--tokens", type=int, default=16_384, help="tokens harvested per hook")
     p.add_argument("--shape", default="576,4608,32", help="d_in,d_sae,k of the trained SAE")
-    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--batch", default="1024,4096", help="global batch sizes (comma-separated)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -133,12 +133,11 @@ def main() -> None:
     args = p.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     if args.worker:
-        worker(shape, args.batch, args.steps, args.shards, args.threads)  # type: ignore[arg-type]
+        worker(shape, int(args.batch), args.steps, args.shards, args.threads)  # type: ignore[arg-type]
         return
 
     hooks = args.hooks.split(",")
     harvest = many_hooks(args.model, hooks, args.tokens)
-    common = ["--shape", args.shape, "--batch", str(args.batch), "--steps", str(args.steps)]
     runs = [
         ("1 process, 1 thread", 1, 1, 1),
         ("1 process, 2 threads", 1, 2, 1),
@@ -146,10 +145,11 @@ def main() -> None:
         ("latent-sharded, 2 ranks x 1 thread", 2, 1, 2),
     ]
     training = []
-    for name, world, threads, shards in runs:
-        r = _ranks(world, threads, [*common, "--shards", str(shards)])
-        training.append({"mode": name, "world": world, **r})
-    base = training[0]["tokens_per_s"]
+    for batch in args.batch.split(","):
+        common = ["--shape", args.shape, "--batch", batch, "--steps", str(args.steps)]
+        for name, world, threads, shards in runs:
+            r = _ranks(world, threads, [*common, "--shards", str(shards)])
+            training.append({"mode": name, "world": world, "batch": int(batch), **r})
     lines = [
         f"# Scaling out on CPU ({os.cpu_count()} cores, torch {torch.__version__})",
         "",
@@ -161,15 +161,17 @@ def main() -> None:
         "",
         f"One pass / one per hook: **{harvest[1]['seconds'] / harvest[0]['seconds']:.2f}x** the throughput.",
         "",
-        f"## Training one SAE {shape[0]} x {shape[1]}, k {shape[2]}, global batch {args.batch}, gloo",
+        f"## Training one SAE {shape[0]} x {shape[1]}, k {shape[2]}, gloo",
         "",
-        "| mode | tokens/s | ms/step | time in collectives | scaling efficiency |",
-        "|---|---|---|---|---|",
+        "| global batch | mode | tokens/s | ms/step | time in collectives | scaling efficiency |",
+        "|---|---|---|---|---|---|",
     ]
     for r in training:
+        base = next(b["tokens_per_s"] for b in training if b["batch"] == r["batch"])  # 1 process, 1 thread
         eff = f"{r['tokens_per_s'] / (r['world'] * base):.2f}" if r["world"] > 1 else ""
         lines.append(
-            f"| {r['mode']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} | {100 * r['comm_frac']:.0f}% | {eff} |"
+            f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+            f"{100 * r['comm_frac']:.0f}% | {eff} |"
         )
     table = "\n".join(lines)
     print(table)
