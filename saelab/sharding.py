@@ -128,22 +128,40 @@ def forward(
     """
     sp = sae.sparsifier
     xs = sae._flat(x)
-    pre = torch.addmm(sae.b_enc, copy_to_group(xs - sae.b_dec, groups.shards), sae.W_enc)  # [N, local latents]
+    impl = sae._impl(xs.device)
+    # The encoder reads b_dec on every shard: its gradient from there is summed over the shards.
+    b_dec = copy_to_group(sae.b_dec, groups.shards)
     # Auxiliary selections are set from the statistics before this batch's (as in SAE.forward).
     scales: dict[str, Tensor] = {}
     if sp.uses_auxk and dead_mask is not None:
         if bool(all_reduce(dead_mask.any().float().reshape(1), groups.shards, dist.ReduceOp.MAX)):
-            scales["auxk"] = dead_mask.to(pre.dtype)
+            scales["auxk"] = dead_mask.to(xs.dtype)
     if sp.uses_zipf:  # mutualchoice, never sharded (shard_config), so its firing rates are whole here
         shortfall = losses.zipf_shortfall(sp.firing_rate, cfg.k, cfg.zipf_exponent)
         if bool((shortfall > 0).any()):
             scales["zipf"] = shortfall
-    code = _select(sae, pre, cfg, groups)
-    if code.indices is None:
-        partial = code.values @ sae.W_dec
+    width = sae.d_sae
+    k_aux = min(cfg.auxk_k or sae.d_in // 2, cfg.d_sae)
+    if sp.per_token:  # each shard's own top k (and AuxK's), fused as on one device; then the union's
+        sel = impl.encode_select(
+            xs, sae.W_enc, sae.b_enc, b_dec, min(cfg.k, width), sp.signed, tuple(scales.values()), min(k_aux, width)
+        )
+        code = Code(_keep_top(sel.values, cfg.k, sp.signed, groups), sel.indices)
+        aux_codes = [(_keep_top(v, k_aux, sp.signed, groups), i) for v, i in sel.aux]
     else:
-        partial = ops.decode_sparse(code.values, code.indices, sae.W_dec)
-    recon = reduce_from_group(partial, groups.shards) + sae.b_dec
+        pre = torch.addmm(sae.b_enc, xs - b_dec, sae.W_enc)  # [N, this shard's latents]
+        code = _select(sae, pre, cfg, groups)
+        aux_codes = []
+        for scale in scales.values():
+            v, i = ops.select_scaled(pre, scale, min(k_aux, width), sp.signed)
+            aux_codes.append((_keep_top(v, k_aux, sp.signed, groups), i))
+
+    def decode(values: Tensor, indices: Tensor | None, W: Tensor) -> Tensor:
+        """The whole SAE's decoding of a code split over the shards."""
+        partial = values @ W if indices is None else impl.decode_sparse(values, indices, W)
+        return reduce_from_group(partial, groups.shards)
+
+    recon = decode(code.values, code.indices, sae.W_dec) + sae.b_dec
     mse = losses.mse(xs, recon)
     loss = mse
     aux: dict[str, Tensor] = {}
@@ -153,9 +171,12 @@ def forward(
         # The whole penalty's value, this shard's part of its gradient.
         loss = loss + cfg.l1_coeff * l1_scale * (own + (aux["l1"] - own).detach())
     parts = groups.n_replicas
-    for name, scale in scales.items():
-        aux[name] = _residual_fit(sae, pre, (xs - recon).detach(), scale, cfg, groups)
-        loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
+    if scales:
+        resid = (xs - recon).detach()
+        resid_spread = spread(resid, groups.replicas)
+        for name, (values, indices) in zip(scales, aux_codes, strict=True):
+            aux[name] = losses.residual_fit_loss(resid, values, indices, sae.W_dec, decode, resid_spread, parts)
+            loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
     l0 = all_reduce((code.values != 0).sum(-1).float().mean().detach().reshape(1), groups.shards)[0]
     return SAEOutput(
         recon=(recon / sae.act_scale).reshape(x.shape),
@@ -169,16 +190,10 @@ def forward(
 
 
 def _select(sae: SAE, pre: Tensor, cfg: SAEConfig, groups: Groups) -> Code:
-    """The full SAE's training selection, restricted to this shard's latents."""
+    """The full SAE's training selection (relu and the batch-level variants), restricted to this shard's latents."""
     sp, k = sae.sparsifier, cfg.k
     if not sp.uses_k:
         return Code(pre.relu(), None)
-    if sp.per_token:
-        score = pre.abs() if sp.signed else pre
-        idx = score.topk(min(k, pre.shape[1]), dim=1, sorted=False).indices
-        top = score.gather(1, idx)
-        values = pre.gather(1, idx) if sp.signed else pre.gather(1, idx).relu()
-        return Code(values * (top >= kth_largest_rows(top, k, groups.shards)[:, None]), idx)
     acts = pre.relu()
     n_global = len(pre) * groups.n_replicas
     if sp.global_budget:
@@ -203,20 +218,8 @@ def _observe(sp: Any, values: Tensor, n_global: int, groups: Groups) -> None:
         sp.update_rate(all_reduce((values > 0).sum(0), groups.replicas), n_global)
 
 
-def _residual_fit(sae: SAE, pre: Tensor, resid: Tensor, scale: Tensor, cfg: SAEConfig, groups: Groups) -> Tensor:
-    """AuxK / aux_zipf: the whole SAE's top k_aux latents by pre x `scale` (among scale != 0) fitting the
-    residual (`ops.select_scaled`, `losses.residual_fit_loss`)."""
-    k_aux, signed = min(cfg.auxk_k or sae.d_in // 2, cfg.d_sae), sae.sparsifier.signed
-    score = torch.where(scale != 0, (pre.abs() if signed else pre) * scale, float("-inf"))
-    idx = score.topk(min(k_aux, pre.shape[1]), dim=1, sorted=False).indices
-    top = score.gather(1, idx)
-    values = pre.gather(1, idx) * scale[idx]
-    values = values if signed else values.relu()
-    values = values * (top >= kth_largest_rows(top, k_aux, groups.shards)[:, None])
-
-    def decode(v: Tensor, i: Tensor, W: Tensor) -> Tensor:
-        return reduce_from_group(ops.decode_sparse(v, i, W), groups.shards)
-
-    return losses.residual_fit_loss(
-        resid, values, idx, sae.W_dec, decode, spread(resid, groups.replicas), groups.n_replicas
-    )
+def _keep_top(values: Tensor, k: int, signed: bool, groups: Groups) -> Tensor:
+    """This shard's candidates [N, C] (ReLU'd unless signed) zeroed where they miss the whole SAE's top k
+    per token: below the k-th largest of every shard's candidates."""
+    score = values.detach().abs() if signed else values.detach()
+    return values * (score >= kth_largest_rows(score, k, groups.shards)[:, None])

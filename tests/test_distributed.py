@@ -33,7 +33,7 @@ def launch(scenario: str, spec: dict, world: int, timeout: float = 240) -> list[
     procs = []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+        env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent), "TRITON_INTERPRET": "1"}
         if world > 1:
             env |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
@@ -78,15 +78,19 @@ def _forward_cases(d_sae: int) -> list[dict]:
         {"sae": base | {"sparsifier": "batchtopk"}, "dead": dead},
         {"sae": base | {"sparsifier": "featurechoice"}},
         {"sae": base | {"sparsifier": "topk", "n_sources": 2}, "dead": dead},
+        # the fused kernels (Triton's interpreter on CPU) select each shard's candidates
+        {"sae": base | {"sparsifier": "topk", "backend": "triton"}, "dead": dead},
     ]
 
 
-@pytest.mark.parametrize("shards", [2, 1], ids=["latent-sharded", "data-parallel"])
-def test_sharded_forward_and_gradients_equal_the_full_sae(shards: int) -> None:
+@pytest.mark.parametrize(
+    ("world", "shards"), [(2, 2), (2, 1), (4, 2)], ids=["latent-sharded", "data-parallel", "2x2-mesh"]
+)
+def test_sharded_forward_and_gradients_equal_the_full_sae(world: int, shards: int) -> None:
     cases = _forward_cases(21)  # 21 latents: shards of 11 and 10
     if shards == 1:
         cases.append({"sae": {"d_in": 8, "d_sae": 21, "k": 4, "sparsifier": "mutualchoice"}})
-    results = launch("forward", {"saes": cases, "latent_shards": shards, "sae": {"d_in": 8}}, world=2)
+    results = launch("forward", {"saes": cases, "latent_shards": shards, "sae": {"d_in": 8}}, world=world)
     ok(results)
     assert all("forward ok" in r.stdout for r in results)
 
@@ -296,3 +300,19 @@ def test_sharded_analysis_equals_one_process(tiny_model_dir, corpus_dir, tmp_pat
     ):
         query = "SELECT n_tokens, n_outliers, n_dead, density_counts FROM saes"
         assert a.execute(query).fetchall() == b.execute(query).fetchall()
+
+
+def test_bad_distributed_settings_give_clear_errors(tmp_path: Path, capsys) -> None:
+    from saelab.cli import main
+
+    assert main(["train", "--hooks", "blocks.0.hook_resid_post,blocks.0.hook_resid_post"]) == 2
+    assert "distinct hook points" in capsys.readouterr().err
+    assert main(["train", "--latent_shards", "2", "--out_dir", str(tmp_path / "r")]) == 2
+    assert "needs that many ranks: launch with torchrun" in capsys.readouterr().err
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(f'out_dir = "{tmp_path / "a"}"\nseed = 1\n')
+    b.write_text(f'out_dir = "{tmp_path / "b"}"\nseed = 2\n')
+    assert main(["train", "--config", str(a), "--config", str(b)]) == 2
+    assert "same seed" in capsys.readouterr().err
+    assert main(["train", "--config", str(a), "--config", str(a)]) == 2
+    assert "its own out_dir" in capsys.readouterr().err
