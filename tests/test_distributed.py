@@ -168,6 +168,9 @@ def test_resume_on_another_number_of_ranks(tmp_path: Path, first: int, second: i
     straight = _run(tmp_path, "straight", 1)
     _run(tmp_path, "resumed", first, checkpoint_every=7, stop_at=7)
     assert (tmp_path / "resumed" / "checkpoint").is_dir() and not (tmp_path / "resumed" / "final.safetensors").exists()
+    from saelab import SAE
+
+    assert SAE.load(tmp_path / "resumed" / "checkpoint").d_sae == SPEC["sae"]["d_sae"]  # written whole, once
     resumed = _run(tmp_path, "resumed", second, checkpoint_every=7)
     _close(straight, resumed)
 
