@@ -94,7 +94,7 @@ class Trainer:
         sp = self.sae.sparsifier
         # Per-token selections need nothing from other ranks unless the latents are split.
         self.sharded_forward = mesh is not None and (self.groups.n_shards > 1 or (sp.uses_k and not sp.per_token))
-        self._since_log = (0.0, 0.0)  # (time, COMM.seconds) at the last per-rank report
+        self._since_log = (0.0, 0.0, 0)  # (time, COMM.seconds, step) at the last per-rank report
 
     @property
     def is_main(self) -> bool:
@@ -187,10 +187,9 @@ class Trainer:
     def rank_report(self) -> list[dict[str, float]]:
         """Each rank's tokens/s, seconds in collectives and peak memory since the last report (all ranks call it)."""
         now, comm = time.perf_counter(), COMM.seconds
-        then, comm_then = self._since_log
-        self._since_log = (now, comm)
-        steps = self.cfg.log_every
-        tokens = steps * self.cfg.batch_size / self.groups.n_replicas
+        then, comm_then, step_then = self._since_log
+        self._since_log = (now, comm, self.step)
+        tokens = (self.step - step_then) * self.cfg.batch_size / self.groups.n_replicas
         own = torch.tensor([tokens / max(now - then, 1e-9), comm - comm_then, peak_memory_mb(self.device)])
         every = all_gather(own.to(self.device), self.groups.world).cpu().tolist()
         return [{"rank": r, "tokens_per_s": t, "comm_s": c, "peak_mem_mb": m} for r, (t, c, m) in enumerate(every)]
@@ -214,7 +213,7 @@ class Trainer:
         wandb = self._wandb() if self.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.sae.cfg.sparsifier}", unit="step",
                    disable=True if not self.is_main else None)  # fmt: skip
-        self._since_log = (time.perf_counter(), COMM.seconds)
+        self._since_log = (time.perf_counter(), COMM.seconds, self.step)
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step(next(batches).to(self.device, non_blocking=True))
