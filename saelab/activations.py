@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,8 +29,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saelab import distributed
 from saelab.config import DataConfig
 from saelab.corpus import token_sequences
+from saelab.distributed import Mesh
 from saelab.errors import DataError
 from saelab.files import replacing
 from saelab.models import LanguageModel, load_model
@@ -153,22 +156,37 @@ class ModelActivations:
         """Tokens dropped: massive-norm ones and those with non-finite activations."""
         self.n_nonfinite = 0
         """... of which with NaN or infinite activations."""
+        self.batch_counts: list[tuple[int, int, int]] = []
+        """(seen, excluded, non-finite) tokens of each model batch read, in order."""
         self._yielded = 0
         self.read = read or (lambda toks: read_sources(self.sources, toks))
         """Activations [B, T, n_sources, d] of a batch of sequences (`SharedPass` shares one model pass)."""
 
-    def token_batches(self) -> Iterator[Tensor]:
-        """Kept activations [m, d] per model batch (m varies with exclusions)."""
-        for start in range(0, len(self.sequences), self.model_batch_size):
+    def token_batches(self, part: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
+        """Kept activations [m, d] per model batch (m varies with exclusions).
+
+        `part = (i, n)`: only the i-th of n contiguous blocks of model batches (one rank's share of a
+        harvest); the norm threshold still comes from the very first batch. `batch_counts` records
+        (tokens seen, excluded, non-finite) of each batch read.
+        """
+        starts = range(0, len(self.sequences), self.model_batch_size)
+        i, n = part
+        lo = len(starts) * i // n
+        if self.threshold is None and lo > 0:
+            first = self.read(self.sequences[: self.model_batch_size]).reshape(-1, self.d_in).float().cpu()
+            self.threshold = norm_threshold(first, self.factor)
+        for start in starts[lo : len(starts) * (i + 1) // n]:
             toks = self.sequences[start : start + self.model_batch_size]
             # Sources side by side: the outlier rule reads their joint norm.
             acts = self.read(toks).reshape(-1, self.d_in).float().cpu()
             if self.threshold is None:
                 self.threshold = norm_threshold(acts, self.factor)
             keep = keep_mask(acts, self.threshold)
-            self.n_seen += len(acts)
-            self.n_excluded += int((~keep).sum())
-            self.n_nonfinite += int((~acts.isfinite().all(dim=-1)).sum())
+            counts = (len(acts), int((~keep).sum()), int((~acts.isfinite().all(dim=-1)).sum()))
+            self.batch_counts.append(counts)
+            self.n_seen += counts[0]
+            self.n_excluded += counts[1]
+            self.n_nonfinite += counts[2]
             yield acts[keep]
 
     def batches(self, batch_size: int) -> Iterator[Tensor]:
@@ -351,23 +369,34 @@ class ActivationCache:
         return key | ({"cross_sources": cfg.cross_sources} if cfg.cross_sources else {})
 
     @classmethod
-    def open_or_harvest(cls, model_loader: Any, cfg: DataConfig, path: str | Path, seed: int = 0) -> ActivationCache:
+    def open_or_harvest(
+        cls, model_loader: Any, cfg: DataConfig, path: str | Path, seed: int = 0, mesh: Mesh | None = None
+    ) -> ActivationCache:
         """Reuse the cache at `path` if it matches `cfg` and holds enough tokens, else harvest it.
 
         `model_loader` is called only when a harvest is needed, so reusing a cache never loads the model.
+        With a `mesh` every rank takes part in the harvest (`harvest_together`).
         """
-        return cls.open_or_harvest_many(model_loader, [cfg], [path], seed)[0]
+        if mesh is None:
+            return cls.open_or_harvest_many(model_loader, [cfg], [path], seed)[0]
+        usable = cls._usable(path, cfg, seed) is not None
+        if all(distributed.gather_objects(mesh, usable)):
+            return cls(path)
+        return cls.harvest_together(model_loader(), cfg, path, seed, mesh)
+
+    @classmethod
+    def _usable(cls, path: str | Path, cfg: DataConfig, seed: int) -> ActivationCache | None:
+        """The cache at `path` if it matches `cfg` and holds enough tokens, else None."""
+        cache = cls(path) if (Path(path) / "meta.json").is_file() else None
+        ok = cache is not None and cache.meta.get("key") == cls.key(cfg, seed) and cache.n_tokens >= cfg.n_tokens
+        return cache if ok else None
 
     @classmethod
     def open_or_harvest_many(
         cls, model_loader: Any, cfgs: Sequence[DataConfig], paths: Sequence[str | Path], seed: int = 0
     ) -> list[ActivationCache]:
         """`open_or_harvest` for several hook points of one model: the caches to (re)make share one harvest."""
-        caches: list[ActivationCache | None] = []
-        for cfg, path in zip(cfgs, paths, strict=True):
-            cache = cls(path) if (Path(path) / "meta.json").is_file() else None
-            ok = cache is not None and cache.meta.get("key") == cls.key(cfg, seed) and cache.n_tokens >= cfg.n_tokens
-            caches.append(cache if ok else None)
+        caches = [cls._usable(path, cfg, seed) for cfg, path in zip(cfgs, paths, strict=True)]
         todo = [i for i, c in enumerate(caches) if c is None]
         if todo:
             made = cls.harvest_many(model_loader(), [cfgs[i] for i in todo], [paths[i] for i in todo], seed)
@@ -406,24 +435,9 @@ class ActivationCache:
                 )
         for path in paths:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Over-provision sequences for the tokens the norm filter will drop.
-        seqs = token_sequences(model, first, "train", int(first.n_tokens * 1.05) + first.context_size, seed)
+        seqs = _harvest_sequences(model, first, seed)
         shared = SharedPass(model, [c.hook_name for c in cfgs]) if len(cfgs) > 1 else None
-        srcs = [
-            ModelActivations(
-                model,
-                cfg.hook_name,
-                seqs,
-                cfg.model_batch_size,
-                cfg.exclude_norm_factor,
-                cfg.buffer_tokens,
-                n_tokens=cfg.n_tokens,
-                seed=seed,
-                extra_sources=load_cross_sources(model, cfg),
-                read=shared.reader(cfg.hook_name) if shared is not None else None,
-            )
-            for cfg in cfgs
-        ]
+        srcs = [_harvest_source(model, cfg, seqs, seed, shared) for cfg in cfgs]
         what = first.hook_name if len(cfgs) == 1 else f"{len(cfgs)} hook points"
         with contextlib.ExitStack() as stack:
             tmps = [stack.enter_context(replacing(path)) for path in paths]
@@ -438,40 +452,156 @@ class ActivationCache:
                             active.remove(i)
                     bar.update(min(w.written for w in writers) - bar.n)
             for tmp, cfg, src, writer in zip(tmps, cfgs, srcs, writers, strict=True):
-                meta = {
-                    "key": cls.key(cfg, seed),
-                    "n_tokens": cfg.n_tokens,
-                    "d_in": src.d_in // len(src.sources),
-                    "n_sources": len(src.sources),
-                    "dtype": "float16",
-                    "shards": writer.finish(),
-                    "norm_threshold": src.threshold or 0.0,
-                    "tokens_seen": src.n_seen,
-                    "tokens_excluded": src.n_excluded,
-                    "tokens_nonfinite": src.n_nonfinite,
-                }
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+                stats = (src.n_seen, src.n_excluded, src.n_nonfinite)
+                (tmp / "meta.json").write_text(json.dumps(cls._meta(cfg, seed, src, writer.finish(), stats), indent=2))
         return [cls(path) for path in paths]
+
+    @classmethod
+    def _meta(
+        cls, cfg: DataConfig, seed: int, src: ModelActivations, shards: list[str], stats: tuple[int, int, int]
+    ) -> dict[str, Any]:
+        """meta.json of a harvested cache; `stats` = tokens (seen, excluded, non-finite) by the batches used."""
+        return {
+            "key": cls.key(cfg, seed),
+            "n_tokens": cfg.n_tokens,
+            "d_in": src.d_in // len(src.sources),
+            "n_sources": len(src.sources),
+            "dtype": "float16",
+            "shards": shards,
+            "norm_threshold": src.threshold or 0.0,
+            "tokens_seen": stats[0],
+            "tokens_excluded": stats[1],
+            "tokens_nonfinite": stats[2],
+        }
+
+    @classmethod
+    def harvest_together(
+        cls, model: LanguageModel, cfg: DataConfig, path: str | Path, seed: int, mesh: Mesh
+    ) -> ActivationCache:
+        """`harvest` with every rank of `mesh` at once: rank r runs the model over the r-th block of the
+        batches of sequences and writes its kept activations; rank 0 cuts the blocks at `n_tokens` and
+        publishes the cache. It holds the same rows in the same order as one process's harvest.
+
+        `path` must be on a filesystem every rank sees.
+        """
+        path = Path(path)
+        staging = path.with_name(path.name + ".parts")
+
+        def prepare() -> None:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+
+        mesh.main_first(lambda: prepare() if mesh.is_main else None)
+        src = _harvest_source(model, cfg, _harvest_sequences(model, cfg, seed), seed)
+        if not staging.is_dir():
+            raise DataError(
+                f"rank {mesh.rank} cannot see {staging}: the activation cache must be on a shared filesystem"
+            )
+        writer = _ShardWriter(staging, cfg, prefix=f"rank{mesh.rank:05d}_", limit=None)
+        bar = tqdm(total=cfg.n_tokens, desc=f"harvest {cfg.hook_name} ({mesh.world} ranks)", unit="tok",
+                   disable=not mesh.is_main)  # fmt: skip
+        for chunk in src.token_batches((mesh.rank, mesh.world)):
+            writer.add(chunk)
+            bar.update(len(chunk) * mesh.world)
+        bar.close()
+        writer.finish(check=False)
+        report = {"shards": writer.sizes, "counts": src.batch_counts, "kept": writer.batch_rows}
+        every = distributed.gather_objects(mesh, report)
+
+        def publish() -> None:
+            if not mesh.is_main:
+                return
+            shards, stats = _cut(staging, every, cfg)
+            (staging / "meta.json").write_text(json.dumps(cls._meta(cfg, seed, src, shards, stats), indent=2))
+            with replacing(path) as tmp:
+                staging.rename(tmp)
+
+        mesh.main_first(publish)
+        return cls(path)
+
+
+def _harvest_sequences(model: LanguageModel, cfg: DataConfig, seed: int) -> Tensor:
+    """The training sequences a harvest reads: more than `n_tokens`, for the tokens the norm filter drops."""
+    return token_sequences(model, cfg, "train", int(cfg.n_tokens * 1.05) + cfg.context_size, seed)
+
+
+def _harvest_source(
+    model: LanguageModel, cfg: DataConfig, seqs: Tensor, seed: int, shared: SharedPass | None = None
+) -> ModelActivations:
+    """The live source a harvest writes from (reading through `shared` when several hooks share a pass)."""
+    return ModelActivations(
+        model,
+        cfg.hook_name,
+        seqs,
+        cfg.model_batch_size,
+        cfg.exclude_norm_factor,
+        cfg.buffer_tokens,
+        n_tokens=cfg.n_tokens,
+        seed=seed,
+        extra_sources=load_cross_sources(model, cfg),
+        read=shared.reader(cfg.hook_name) if shared is not None else None,
+    )
+
+
+def _cut(staging: Path, every: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[str], tuple[int, int, int]]:
+    """Keep the first `cfg.n_tokens` rows of every rank's shards in rank order (truncating one shard and
+    deleting those after it); the shard names, and (seen, excluded, non-finite) over the batches used."""
+    shards: list[str] = []
+    stats = [0, 0, 0]
+    need = cfg.n_tokens
+    for report in every:  # the batch that completes n_tokens is the last one counted, as in `harvest`
+        for kept, counts in zip(report["kept"], report["counts"], strict=True):
+            if need <= 0:
+                break
+            stats = [a + b for a, b in zip(stats, counts, strict=True)]
+            need -= kept
+    if need > 0:
+        have = cfg.n_tokens - need
+        raise DataError(
+            f"the corpus's training part gave only {have} usable tokens, fewer than data.n_tokens = "
+            f"{cfg.n_tokens}; lower n_tokens or use a larger corpus"
+        )
+    left = cfg.n_tokens
+    for report in every:
+        for name, rows in report["shards"]:
+            if not (staging / name).is_file():
+                raise DataError(f"{staging / name} is missing: the activation cache must be on a shared filesystem")
+            if left <= 0:
+                (staging / name).unlink()
+                continue
+            if rows > left:
+                np.save(staging / name, np.load(staging / name)[:left])
+            shards.append(name)
+            left -= min(rows, left)
+    return shards, (stats[0], stats[1], stats[2])
 
 
 class _ShardWriter:
     """Writes the first `cfg.n_tokens` kept activations handed to `add` as float16 shards in `out`."""
 
-    def __init__(self, out: Path, cfg: DataConfig):
-        out.mkdir()
-        self.out, self.cfg = out, cfg
+    def __init__(self, out: Path, cfg: DataConfig, prefix: str = "", limit: int | None = -1):
+        out.mkdir(exist_ok=bool(prefix))
+        self.out, self.cfg, self.prefix = out, cfg, prefix
+        self.limit = cfg.n_tokens if limit == -1 else limit
+        """Rows to keep (None: every row handed in)."""
         self.shards: list[str] = []
+        self.sizes: list[tuple[str, int]] = []
+        """(file name, rows) of each shard written."""
+        self.batch_rows: list[int] = []
+        """Rows handed in by each `add`."""
         self.pending: list[Tensor] = []
         self.written = 0
 
     def add(self, chunk: Tensor) -> bool:
         """Take a model batch's kept activations [m, d]; True once `n_tokens` are in."""
-        chunk = chunk[: self.cfg.n_tokens - self.written]
+        self.batch_rows.append(len(chunk))
+        if self.limit is not None:
+            chunk = chunk[: self.limit - self.written]
         self.pending.append(chunk)
         self.written += len(chunk)
         if sum(len(p) for p in self.pending) >= SHARD_TOKENS:
             self._flush()
-        return self.written >= self.cfg.n_tokens
+        return self.limit is not None and self.written >= self.limit
 
     def _flush(self) -> None:
         rows, self.pending = torch.cat(self.pending), []
@@ -483,15 +613,16 @@ class _ShardWriter:
                 f"activations at {self.cfg.hook_name} exceed float16's range (largest |value| {largest:.3g} > 65504), "
                 "which the cache stores; set data.exclude_norm_factor to leave such tokens out"
             )
-        name = f"shard_{len(self.shards):05d}.npy"
+        name = f"{self.prefix}shard_{len(self.shards):05d}.npy"
         np.save(self.out / name, rows.numpy().astype(np.float16))
         self.shards.append(name)
+        self.sizes.append((name, len(rows)))
 
-    def finish(self) -> list[str]:
-        """Write what is pending; the shard file names. Too few tokens in the corpus is an error."""
+    def finish(self, check: bool = True) -> list[str]:
+        """Write what is pending; the shard file names. Too few tokens in the corpus is an error (`check`)."""
         if self.pending:
             self._flush()
-        if self.written < self.cfg.n_tokens:
+        if check and self.written < self.cfg.n_tokens:
             raise DataError(
                 f"the corpus's training part gave only {self.written} usable tokens, fewer than data.n_tokens = "
                 f"{self.cfg.n_tokens}; lower n_tokens or use a larger corpus"

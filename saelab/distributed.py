@@ -156,6 +156,13 @@ def check_agreement(mesh: Mesh | None, what: str, facts: dict[str, Any]) -> None
         raise ConfigError(f"the {mesh.world} ranks disagree about the {what}: " + "; ".join(differ))
 
 
+def gather_objects(mesh: Mesh, obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank (waiting as long as the slowest needs)."""
+    every: list[Any] = [None] * mesh.world
+    dist.all_gather_object(every, obj, group=mesh.patient)
+    return every
+
+
 def _short(value: Any, width: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."

@@ -212,7 +212,7 @@ class Trainer:
         log = self.run.open_metrics_log(self.step) if self.is_main else None
         wandb = self._wandb() if self.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.sae.cfg.sparsifier}", unit="step",
-                   disable=True if not self.is_main else None)  # fmt: skip
+                   disable=not self.is_main)  # fmt: skip
         self._since_log = (time.perf_counter(), COMM.seconds, self.step)
         try:
             while self.step < self.total_steps:
@@ -401,8 +401,8 @@ def train(cfg: TrainConfig) -> Path:
     and reused by later runs with the same data config; the model is loaded only if needed.
 
     Under torchrun every rank runs this: they check that they agree on the config, versions and
-    activations, rank 0 harvests while the others wait, each rank trains its part (`Trainer`), and
-    rank 0 saves and evaluates. The run directory must be on a filesystem every rank sees (a resumed
+    activations, harvest together (each rank its block of the corpus), each trains its part
+    (`Trainer`), and rank 0 saves and evaluates. The run directory must be on a filesystem every rank sees (a resumed
     run reads rank 0's checkpoint on every rank).
     """
     mesh = distributed.init(cfg.device, cfg.latent_shards, cfg.dist_timeout_s)
@@ -421,10 +421,7 @@ def _train(cfg: TrainConfig, mesh: Mesh | None) -> Path:
     run.path.mkdir(parents=True, exist_ok=True)
     get_model = _model_loader(cfg)
 
-    def open_cache() -> ActivationCache:
-        return ActivationCache.open_or_harvest(get_model, cfg.data, run.activation_cache(cfg.data), cfg.seed)
-
-    cache = open_cache() if mesh is None else mesh.main_first(open_cache)
+    cache = ActivationCache.open_or_harvest(get_model, cfg.data, run.activation_cache(cfg.data), cfg.seed, mesh)
     distributed.check_agreement(mesh, "activation cache", {"cache": cache.meta})
     return _fit_run(cfg, cache, get_model, mesh)
 

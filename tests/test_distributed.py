@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -213,6 +214,19 @@ def test_torchrun_cli_latent_sharded_equals_one_process(tiny_model_dir, corpus_d
     two = train("two", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                 extra=("--latent_shards", "2"))  # fmt: skip
     assert two.stdout.count("run saved to") == 1 and "CE loss recovered" in two.stdout
+    # both ranks harvested a block of the corpus; the cache is the one a single process writes
+    from saelab.activations import ActivationCache
+
+    caches = [ActivationCache(tmp_path / run / "activations") for run in ("one", "two")]
+    assert "harvest blocks.1.hook_resid_post (2 ranks)" in two.stderr
+    assert caches[1].meta["shards"][0].startswith("rank00000_") and caches[1].meta["shards"][-1].startswith(
+        "rank00001_"
+    )
+    assert {k: v for k, v in caches[0].meta.items() if k != "shards"} == {
+        k: v for k, v in caches[1].meta.items() if k != "shards"
+    }
+    rows = [c.source().rows(np.arange(c.n_tokens)) for c in caches]
+    assert torch.equal(rows[0], rows[1])
     a, b = SAE.load(tmp_path / "one"), SAE.load(tmp_path / "two")
     _close(a.state_dict(), b.state_dict())
     last = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
