@@ -152,3 +152,12 @@ def spread(x: Tensor, group: Any) -> Tensor | None:
     sums = all_reduce(torch.cat([x.sum(0), x.new_tensor([len(x)])]), group)
     mean = sums[:-1] / sums[-1]
     return all_reduce((x - mean).pow(2).sum().reshape(1), group)[0]
+
+
+def whole(own: Tensor, group: Any, mean: bool = False) -> Tensor:
+    """This rank's part `own` (a scalar) summed, or averaged, over `group`, differentiable as `own`: a loss
+    built on it has the whole group's value and gives each rank the gradient of its own part."""
+    if size(group) == 1:
+        return own
+    total = all_reduce(own.detach().clone().reshape(1), group)[0]
+    return own + ((total / size(group) if mean else total) - own).detach()

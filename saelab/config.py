@@ -28,9 +28,6 @@ SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "fea
 K_FREE_SPARSIFIERS = frozenset({"relu", "jumprelu"})
 """Sparsifiers whose sparsity comes from a penalty or a threshold rather than from k."""
 
-INFERENCE_ONLY_SPARSIFIERS = frozenset({"jumprelu"})
-"""Sparsifiers of SAEs loaded from other libraries (`saelab.formats`) that saelab does not train yet."""
-
 SIGNED_SPARSIFIERS = frozenset({"abstopk"})
 """Sparsifiers whose features fire both ways (negative activations kept)."""
 
@@ -52,14 +49,26 @@ class SAEConfig:
     """Latents per input dimension, used when d_sae is 0."""
 
     sparsifier: str = "topk"
-    """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice
-    (jumprelu: SAEs loaded from other libraries, not trained here)."""
+    """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice,
+    jumprelu (a learned threshold per latent and an L0 penalty)."""
 
     k: int = 32
     """Active latents per token (top-k family); the batch-level variants spend a budget of k * batch."""
 
     l1_coeff: float = 5.0
     """relu only: weight of the L1 penalty (each latent weighted by its decoder row norm)."""
+
+    l0_coeff: float = 1.0
+    """jumprelu only: weight of the L0 penalty (trained through straight-through estimators)."""
+
+    l0_target: float = 0.0
+    """jumprelu only: aim for this mean L0 per token, penalising (L0 / target - 1)^2 instead of L0 (0 = off)."""
+
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu only: width of the rectangle kernel of the threshold's pseudo-gradients (in normalised units)."""
+
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu only: every latent's threshold at initialisation (in normalised units)."""
 
     auxk_coeff: float = 1 / 32
     """Weight of the AuxK loss that makes dead latents predict the reconstruction error (top-k family)."""
@@ -111,6 +120,8 @@ class SAEConfig:
             raise ConfigError(f"candidate_factor must be >= 1, got {self.candidate_factor}")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold < 0 or self.l0_target < 0:
+            raise ConfigError("jumprelu_bandwidth must be > 0, and jumprelu_init_threshold and l0_target >= 0")
         if self.d_sae and self.k > self.d_sae and self.sparsifier not in K_FREE_SPARSIFIERS:
             raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
         if self.backend not in BACKENDS:
@@ -221,7 +232,7 @@ class TrainConfig:
     """Fraction of steps at the end over which the learning rate decays linearly to 0."""
 
     l1_warmup_fraction: float = 0.05
-    """relu only: fraction of steps over which the L1 coefficient ramps up from 0."""
+    """relu and jumprelu: fraction of steps over which the L1 (relu) or L0 (jumprelu) coefficient ramps up from 0."""
 
     dead_after_tokens: int = 200_000
     """A latent that has not fired for this many training tokens counts as dead (and feeds AuxK)."""
@@ -262,11 +273,6 @@ class TrainConfig:
             self.sae = from_dict(SAEConfig, self.sae, prefix="sae.")
         if isinstance(self.data, dict):
             self.data = from_dict(DataConfig, self.data, prefix="data.")
-        if self.sae.sparsifier in INFERENCE_ONLY_SPARSIFIERS:
-            raise ConfigError(
-                f"sae.sparsifier = {self.sae.sparsifier!r} loads SAEs trained by other libraries (SAE.load); "
-                "saelab does not train it yet"
-            )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.latent_shards < 1 or self.dist_timeout_s <= 0:

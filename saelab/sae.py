@@ -235,7 +235,7 @@ class SAE(nn.Module):
             shortfall = losses.zipf_shortfall(sp.firing_rate, cfg.k, cfg.zipf_exponent)
             if bool((shortfall > 0).any()):
                 aux_scales["zipf"] = shortfall
-        code = None
+        code = pre = None
         if sp.per_token:
             sel = self._select(xs, impl, tuple(aux_scales.values()))
             code, aux_codes = Code(sel.values, sel.indices), sel.aux
@@ -254,6 +254,10 @@ class SAE(nn.Module):
         if not sp.unit_norm_decoder:
             aux["l1"] = losses.l1_decoder_weighted(code.values, self.decoder_norms())
             loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
+        l0 = sp.l0_surrogate(pre) if self.training and pre is not None else None
+        if l0 is not None:  # the penalty of the whole batch's L0; each replica differentiates its own part
+            aux["sparsity"] = sp.sparsity_penalty(collectives.whole(l0, replicas, mean=True))
+            loss = loss + cfg.l0_coeff * l1_scale * aux["sparsity"]
         parts = collectives.size(replicas)
         if aux_scales:
             resid = (xs - recon).detach()

@@ -38,6 +38,7 @@ from saelab.collectives import (
     reduce_from_group,
     size,
     spread,
+    whole,
 )
 from saelab.config import SAEConfig
 from saelab.errors import ConfigError
@@ -142,6 +143,7 @@ def forward(
             scales["zipf"] = shortfall
     width = sae.d_sae
     k_aux = min(cfg.auxk_k or sae.d_in // 2, cfg.d_sae)
+    pre = None
     if sp.per_token:  # each shard's own top k (and AuxK's), fused as on one device; then the union's
         sel = impl.encode_select(
             xs, sae.W_enc, sae.b_enc, b_dec, min(cfg.k, width), sp.signed, tuple(scales.values()), min(k_aux, width)
@@ -165,11 +167,14 @@ def forward(
     mse = losses.mse(xs, recon)
     loss = mse
     aux: dict[str, Tensor] = {}
+    # Penalties have the whole SAE's value and give each shard the gradient of its own part.
     if not sp.unit_norm_decoder:
-        own = losses.l1_decoder_weighted(code.values, sae.decoder_norms())
-        aux["l1"] = all_reduce(own.detach().clone(), groups.shards)
-        # The whole penalty's value, this shard's part of its gradient.
-        loss = loss + cfg.l1_coeff * l1_scale * (own + (aux["l1"] - own).detach())
+        l1 = whole(losses.l1_decoder_weighted(code.values, sae.decoder_norms()), groups.shards)
+        aux["l1"] = l1
+        loss = loss + cfg.l1_coeff * l1_scale * l1
+    if pre is not None and (l0 := sp.l0_surrogate(pre)) is not None:
+        aux["sparsity"] = sp.sparsity_penalty(whole(whole(l0, groups.shards), groups.replicas, mean=True))
+        loss = loss + cfg.l0_coeff * l1_scale * aux["sparsity"]
     parts = groups.n_replicas
     if scales:
         resid = (xs - recon).detach()
@@ -192,8 +197,8 @@ def forward(
 def _select(sae: SAE, pre: Tensor, cfg: SAEConfig, groups: Groups) -> Code:
     """The full SAE's training selection (relu and the batch-level variants), restricted to this shard's latents."""
     sp, k = sae.sparsifier, cfg.k
-    if not sp.uses_k:
-        return Code(pre.relu(), None)
+    if not sp.uses_k:  # relu, jumprelu: each latent alone
+        return sp(pre)
     acts = pre.relu()
     n_global = len(pre) * groups.n_replicas
     if sp.global_budget:

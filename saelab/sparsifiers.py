@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,19 @@ class Sparsifier(nn.Module):
 
     def observe(self, code: Code) -> None:
         """Update training statistics from the selected code (thresholds, firing rates)."""
+
+    def l0_surrogate(self, pre: Tensor) -> Tensor | None:
+        """Mean L0 per token of pre-activations [N, d_sae], differentiable where the sparsifier trains its
+        sparsity directly (jumprelu), else None (the others get theirs from k or an L1 penalty)."""
+        return None
+
+    def sparsity_penalty(self, l0: Tensor) -> Tensor:
+        """The loss term made from `l0_surrogate`'s value (over the whole batch)."""
+        return l0
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Bring trained parameters back into their domain after an optimiser step."""
 
 
 SPARSIFIERS: dict[str, type[Sparsifier]] = {}
@@ -291,24 +304,84 @@ class MutualChoice(Sparsifier):
         self.firing_rate.mul_(self.momentum).add_((1 - self.momentum) * counts.float() / n_tokens)
 
 
+def _rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel: 1 on (-1/2, 1/2), else 0."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpFn(torch.autograd.Function):
+    """relu(pre) * H(pre - theta), with the straight-through pseudo-derivative -(theta / eps) K((pre - theta) / eps)
+    for theta (Rajamanoharan et al. 2024) and the derivative where it exists for pre."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre.relu() * (pre > theta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        d_theta = -(theta / ctx.eps) * _rectangle((pre - theta) / ctx.eps) * grad
+        return grad * ((pre > theta) & (pre > 0)), d_theta.sum(0), None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(pre - theta), with the pseudo-derivative -(1 / eps) K((pre - theta) / eps) for theta and none for pre."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        return None, (-(1 / ctx.eps) * _rectangle((pre - theta) / ctx.eps) * grad).sum(0), None
+
+
 @register
 class JumpReLU(Sparsifier):
     """relu(pre) where pre is above the latent's own threshold (Rajamanoharan et al. 2024).
 
-    The sparsifier of SAEs trained elsewhere: Gemma Scope, SAELens jumprelu (and its batchtopk /
+    Trained here with the paper's straight-through estimators: the threshold gets pseudo-gradients
+    from a rectangle kernel of width `jumprelu_bandwidth` around it, from the reconstruction and from
+    an L0 penalty (`l0_coeff`; with `l0_target`, (L0 / target - 1)^2, which aims at a chosen L0).
+    Decoder rows are kept at unit norm while training: an L0 penalty does not care how a latent's
+    scale is split between encoder and decoder, so this only removes that freedom.
+
+    Also the sparsifier of SAEs trained elsewhere: Gemma Scope, SAELens jumprelu (and its batchtopk /
     matryoshka exports), dictionary_learning's JumpReLU and BatchTopK, and Gated SAEs, which are a
     JumpReLU with rescaled weights. The comparison is strict (`>`), as in those libraries, and the
-    ReLU stays, so a negative threshold never lets a negative activation through.
+    ReLU stays, so a negative threshold never lets a negative activation through (training keeps the
+    thresholds at 0 or above).
     """
 
     name = "jumprelu"
     uses_k = False
     uses_auxk = False
-    unit_norm_decoder = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        self.bandwidth = cfg.jumprelu_bandwidth
+        self.l0_target = cfg.l0_target
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))
 
     def forward(self, pre: Tensor) -> Code:
+        if self.training and torch.is_grad_enabled():
+            return Code(_JumpFn.apply(pre, self.threshold, self.bandwidth), None)
         return Code(pre.relu() * (pre > self.threshold), None)
+
+    def l0_surrogate(self, pre: Tensor) -> Tensor:
+        """Mean active latents per token, with the threshold's straight-through pseudo-gradient."""
+        return _StepFn.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+
+    def sparsity_penalty(self, l0: Tensor) -> Tensor:
+        """L0, or (L0 / l0_target - 1)^2 when a target is set."""
+        return (l0 / self.l0_target - 1).square() if self.l0_target else l0
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Thresholds stay at 0 or above."""
+        self.threshold.clamp_(min=0.0)

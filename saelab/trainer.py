@@ -114,7 +114,8 @@ class Trainer:
         return self.lr * warm * decay
 
     def l1_scale_at(self, step: int) -> float:
-        """Ramp of the L1 coefficient (relu): 0 -> 1 over the first `l1_warmup_fraction` of steps."""
+        """Ramp of the sparsity penalty's coefficient (relu's L1, jumprelu's L0): 0 -> 1 over the first
+        `l1_warmup_fraction` of steps."""
         ramp = self.cfg.l1_warmup_fraction * self.total_steps
         return 1.0 if ramp < 1 else min(1.0, (step + 1) / ramp)
 
@@ -146,6 +147,7 @@ class Trainer:
         self.opt.step()
         if sae.sparsifier.unit_norm_decoder:
             sae.set_decoder_norm_to_unit()
+        sae.sparsifier.project()
         fired = out.code.fired(sae.d_sae)
         if self.mesh is not None:
             fired = all_reduce(fired.int(), self.groups.replicas, torch.distributed.ReduceOp.MAX).bool()

@@ -122,3 +122,23 @@ def test_saelab_errors_print_one_line_and_bugs_keep_their_traceback(tmp_path, ca
     monkeypatch.setattr(cli, "_cmd_eval", bug)
     with pytest.raises(KeyError, match="a bug"):
         main(["eval", str(tmp_path)])
+
+
+def test_a_jumprelu_trains_evaluates_analyses_and_opens_in_saelens_layout(tiny_model_dir, corpus_dir, tmp_path) -> None:
+    out = tmp_path / "jr"
+    args = ["--sae.sparsifier", "jumprelu", "--sae.l0_target", "6", "--sae.jumprelu_bandwidth", "0.1"]
+    done = saelab("train", *tiny_args(tiny_model_dir, corpus_dir, out), *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "sparsity" in metrics[-1] and metrics[-1]["l0"] < metrics[0]["l0"]  # the L0 penalty trains
+    from saelab import SAE
+
+    sae = SAE.load(out)
+    saved = json.loads((out / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu" and sae.cfg.l0_target == 6  # SAELens's layout, saelab's settings
+    threshold = sae.sparsifier.threshold.detach()
+    assert float(threshold.min()) >= 0 and float(threshold.max()) > 0.002  # moved up from 0.001
+    result = json.loads(saelab("eval", str(out), "--json", "--tokens", "256").stdout)
+    assert 0 < result["l0"] < 64 and "ce_loss_recovered" in result
+    an = saelab("analyze", str(out), "--tokens", "256", "--store", str(tmp_path / "s.duckdb"), "--n_top", "3")
+    assert an.returncode == 0, an.stderr[-2000:]

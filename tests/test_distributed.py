@@ -76,6 +76,8 @@ def _forward_cases(d_sae: int) -> list[dict]:
         {"sae": base | {"sparsifier": "topk"}, "b_enc": [8.0] * half + [0.0] * (d_sae - half), "dead": dead},
         {"sae": base | {"sparsifier": "abstopk"}, "dead": dead},
         {"sae": base | {"sparsifier": "relu"}},
+        {"sae": base | {"sparsifier": "jumprelu", "jumprelu_bandwidth": 2.0, "jumprelu_init_threshold": 0.3}},
+        {"sae": base | {"sparsifier": "jumprelu", "l0_target": 3.0, "jumprelu_bandwidth": 2.0}},
         {"sae": base | {"sparsifier": "batchtopk"}, "dead": dead},
         {"sae": base | {"sparsifier": "featurechoice"}},
         {"sae": base | {"sparsifier": "topk", "n_sources": 2}, "dead": dead},

@@ -376,6 +376,8 @@ def _saelab_sae(sparsifier: str, seed: int = 0) -> SAE:
         sae.b_dec.normal_()
         if sparsifier in ("batchtopk", "featurechoice"):
             sae.sparsifier.threshold.fill_(0.8)
+        if sparsifier == "jumprelu":  # one trained here: a threshold per latent
+            sae.sparsifier.threshold.uniform_(0.1, 1.5)
     return sae.eval()
 
 
@@ -402,7 +404,7 @@ def test_exports_without_an_equivalent_are_refused(tmp_path, sparsifier, message
         export(_saelab_sae(sparsifier), tmp_path / "out", "sparsify" if message else "saelens")
 
 
-@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice"])
+@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice", "jumprelu"])
 def test_an_export_to_saelens_loads_back_with_the_same_codes(tmp_path, sparsifier) -> None:
     from saelab.export import export
 
@@ -414,7 +416,7 @@ def test_an_export_to_saelens_loads_back_with_the_same_codes(tmp_path, sparsifie
 
 
 @saelens
-@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk"])
+@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "jumprelu"])
 def test_an_export_to_saelens_loads_in_saelens_with_the_same_codes(tmp_path, sparsifier) -> None:
     import sae_lens
 
@@ -428,7 +430,7 @@ def test_an_export_to_saelens_loads_in_saelens_with_the_same_codes(tmp_path, spa
 
 
 @saelens
-@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice"])
+@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice", "jumprelu"])
 def test_saelabs_own_saved_saes_load_directly_in_saelens(tmp_path, sparsifier) -> None:
     import sae_lens
 

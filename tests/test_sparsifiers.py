@@ -21,19 +21,32 @@ def test_registry_has_every_variant() -> None:
 
 def test_jumprelu_keeps_what_clears_each_latents_own_threshold() -> None:
     sp = sparsifier("jumprelu", k=1, d_sae=4)
-    sp.threshold.copy_(torch.tensor([0.5, 2.0, -1.0, 1.0]))
+    with torch.no_grad():
+        sp.threshold.copy_(torch.tensor([0.5, 2.0, -1.0, 1.0]))
     pre = torch.tensor([[1.0, 2.0, -0.5, 1.5], [0.5, 3.0, 0.2, 0.9]])
     # Strictly above the threshold, and never negative (latent 2's threshold is below zero).
     expected = torch.tensor([[1.0, 0.0, 0.0, 1.5], [0.0, 3.0, 0.2, 0.0]])
-    assert torch.equal(sp(pre).values, expected)
+    assert torch.equal(sp(pre).values, expected)  # training mode, through the straight-through function
+    assert torch.equal(sp.eval()(pre).values, expected)
 
 
-def test_jumprelu_is_not_trained_here() -> None:
-    from saelab.config import SAEConfig, TrainConfig
-    from saelab.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="does not train it yet"):
-        TrainConfig(sae=SAEConfig(sparsifier="jumprelu"))
+def test_jumprelu_threshold_gets_the_papers_pseudo_gradients() -> None:
+    sp = sparsifier("jumprelu", k=1, d_sae=2, jumprelu_bandwidth=0.1)
+    with torch.no_grad():
+        sp.threshold.copy_(torch.tensor([1.0, 2.0]))
+    # Token 0: latent 0 at 1.02 is inside the kernel's window (|1.02 - 1| < 0.05) and fires; latent 1 at 2.5
+    # fires outside it. Token 1: latent 0 at 0.97 is inside the window and does not fire; latent 1 at 1.0 is outside.
+    pre = torch.tensor([[1.02, 2.5], [0.97, 1.0]], requires_grad=True)
+    sp(pre).values.sum().backward()
+    # d/dtheta of the activations: -(theta / eps) per pre inside the window, so -10 from both of latent 0's.
+    torch.testing.assert_close(sp.threshold.grad, torch.tensor([-20.0, 0.0]))
+    torch.testing.assert_close(pre.grad, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))  # 1 where it fires
+    sp.threshold.grad = None
+    sp.l0_surrogate(pre).backward()  # mean over 2 tokens of the count: -(1 / eps) / 2 per pre in the window
+    torch.testing.assert_close(sp.threshold.grad, torch.tensor([-10.0, 0.0]))
+    assert sp.sparsity_penalty(torch.tensor(3.0)) == 3.0
+    target = sparsifier("jumprelu", k=1, d_sae=2, l0_target=2.0)
+    assert target.sparsity_penalty(torch.tensor(3.0)) == pytest.approx(0.25)  # (3 / 2 - 1)^2
 
 
 def test_topk_keeps_largest_per_token_and_relus() -> None:
