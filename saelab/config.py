@@ -22,7 +22,7 @@ from typing import Any, get_type_hints
 
 from saelab.errors import ConfigError
 
-SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu")
+SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka")
 """The sparsifiers `saelab.sparsifiers` registers (it refuses to register any other name)."""
 
 K_FREE_SPARSIFIERS = frozenset({"relu", "jumprelu"})
@@ -50,7 +50,8 @@ class SAEConfig:
 
     sparsifier: str = "topk"
     """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice,
-    jumprelu (a learned threshold per latent and an L0 penalty)."""
+    jumprelu (a learned threshold per latent and an L0 penalty), matryoshka (BatchTopK whose nested prefixes
+    of latents each learn to reconstruct alone)."""
 
     k: int = 32
     """Active latents per token (top-k family); the batch-level variants spend a budget of k * batch."""
@@ -69,6 +70,13 @@ class SAEConfig:
 
     jumprelu_init_threshold: float = 0.001
     """jumprelu only: every latent's threshold at initialisation (in normalised units)."""
+
+    matryoshka_widths: str = ""
+    """matryoshka only: comma-separated widths of the latent groups, summing to d_sae; prefix j is groups
+    1..j ('' = 5 groups, each twice as wide as the one before)."""
+
+    matryoshka_weights: str = ""
+    """matryoshka only: comma-separated weight of each prefix's reconstruction loss ('' = equal weights)."""
 
     auxk_coeff: float = 1 / 32
     """Weight of the AuxK loss that makes dead latents predict the reconstruction error (top-k family)."""
@@ -120,6 +128,8 @@ class SAEConfig:
             raise ConfigError(f"candidate_factor must be >= 1, got {self.candidate_factor}")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.sparsifier == "matryoshka" and self.d_sae:
+            self._check_matryoshka()
         if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold < 0 or self.l0_target < 0:
             raise ConfigError("jumprelu_bandwidth must be > 0, and jumprelu_init_threshold and l0_target >= 0")
         if self.d_sae and self.k > self.d_sae and self.sparsifier not in K_FREE_SPARSIFIERS:
@@ -128,6 +138,30 @@ class SAEConfig:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         if not 0.0 <= self.threshold_momentum < 1.0:
             raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
+
+    def _check_matryoshka(self) -> None:
+        try:
+            widths, weights = self.matryoshka_groups()
+        except ValueError as e:
+            raise ConfigError(f"matryoshka_widths / matryoshka_weights must be comma-separated numbers: {e}") from None
+        if sum(widths) != self.d_sae or min(widths) < 1:
+            raise ConfigError(f"matryoshka_widths {widths} must be positive and sum to d_sae = {self.d_sae}")
+        if len(weights) != len(widths) or min(weights) < 0 or sum(weights) <= 0:
+            raise ConfigError(
+                f"matryoshka_weights needs {len(widths)} non-negative weights (one per group), got {weights}"
+            )
+
+    def matryoshka_groups(self) -> tuple[list[int], list[float]]:
+        """(group widths, prefix loss weights) of a matryoshka SAE with `d_sae` set."""
+        if self.matryoshka_widths:
+            widths = [int(w) for w in self.matryoshka_widths.split(",")]
+        else:  # 5 groups doubling in width: 1/31, 2/31, 4/31, 8/31 and the rest of d_sae
+            widths = [max(1, self.d_sae * 2**i // 31) for i in range(4)]
+            widths.append(self.d_sae - sum(widths))
+        weights = (
+            [float(w) for w in self.matryoshka_weights.split(",")] if self.matryoshka_weights else [1.0] * len(widths)
+        )
+        return widths, weights
 
     def resolve(self, d_in: int) -> SAEConfig:
         """Return a copy with `d_in` (checked against a set value) and `d_sae` filled in."""

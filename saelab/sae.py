@@ -44,6 +44,7 @@ SAELENS_ARCHITECTURES = {
     "topk": "topk",
     "abstopk": "abstopk",
     "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
     "featurechoice": "jumprelu",
     "jumprelu": "jumprelu",
 }
@@ -251,6 +252,9 @@ class SAE(nn.Module):
         mse = losses.mse(xs, recon)
         loss = mse
         aux: dict[str, Tensor] = {}
+        if hasattr(sp, "prefix_weights"):  # matryoshka: each prefix of latents reconstructs alone
+            aux["prefixes"] = self.prefix_loss(xs, code, impl)
+            loss = aux["prefixes"]
         if not sp.unit_norm_decoder:
             aux["l1"] = losses.l1_decoder_weighted(code.values, self.decoder_norms())
             loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
@@ -274,6 +278,20 @@ class SAE(nn.Module):
             l0=code.l0().detach(),
             aux={k: v.detach() for k, v in aux.items()},
         )
+
+    def prefix_loss(self, xs: Tensor, code: Code, impl: Any = ops) -> Tensor:
+        """Matryoshka's reconstruction loss: the weighted mean over prefixes (latent groups 1..j) of the MSE of
+        normalised inputs xs [N, d_in] reconstructed from that prefix's part of `code` alone."""
+        recon, loss = self.b_dec.expand_as(xs), xs.new_zeros(())
+        for (lo, hi), weight in zip(self.sparsifier.groups, self.sparsifier.prefix_weights, strict=True):
+            if code.indices is None:
+                part = code.values[:, lo:hi] @ self.W_dec[lo:hi]
+            else:
+                inside = (code.indices >= lo) & (code.indices < hi)
+                part = impl.decode_sparse(code.values * inside, code.indices, self.W_dec)
+            recon = recon + part
+            loss = loss + weight * losses.mse(xs, recon)
+        return loss
 
     def decoder_directions(self) -> Tensor:
         """Decoder rows in the model's units [d_sae, d_in]: activation a of latent f adds a * row f."""
@@ -315,7 +333,7 @@ class SAE(nn.Module):
         """Write `cfg.json` and `sae_weights.safetensors` to a directory.
 
         `portable` (the default) writes an SAE whose architecture SAELens has (one source; relu as
-        standard, topk, abstopk, and batchtopk / featurechoice / jumprelu as jumprelu) in SAELens 6's
+        standard, topk, abstopk, and batchtopk / matryoshka / featurechoice / jumprelu as jumprelu) in SAELens 6's
         layout, its input scale folded into the weights, so `sae_lens.SAE.load_from_disk` opens the
         directory as it is and finds the same codes; `SAE.load` reads it back as this SAE. Otherwise,
         and for training checkpoints (`portable=False`, so that resuming is exact), every parameter

@@ -92,11 +92,10 @@ def shard_config(cfg: SAEConfig, groups: Groups) -> SAEConfig:
     """The config of this rank's shard: its latents, and k no larger than them (the full k is `cfg.k`)."""
     if groups.n_shards > cfg.d_sae:
         raise ConfigError(f"{groups.n_shards} latent shards for {cfg.d_sae} latents: each shard needs one at least")
-    if groups.n_shards > 1 and cfg.sparsifier == "mutualchoice":
-        raise ConfigError(
-            "mutualchoice ranks every latent by firing rate for aux_zipf_loss, which latent shards do not share; "
-            "train it data-parallel (latent_shards = 1)"
-        )
+    if groups.n_shards > 1 and cfg.sparsifier in ("mutualchoice", "matryoshka"):
+        why = {"mutualchoice": "ranks every latent by firing rate for aux_zipf_loss",
+               "matryoshka": "reconstructs from each prefix of latents, which spans the shards"}  # fmt: skip
+        raise ConfigError(f"{cfg.sparsifier} {why[cfg.sparsifier]}; train it data-parallel (latent_shards = 1)")
     lo, hi = latent_range(cfg.d_sae, groups.shard, groups.n_shards)
     return dataclasses.replace(cfg, d_sae=hi - lo, k=min(cfg.k, hi - lo))
 
@@ -167,6 +166,9 @@ def forward(
     mse = losses.mse(xs, recon)
     loss = mse
     aux: dict[str, Tensor] = {}
+    if hasattr(sp, "prefix_weights"):  # matryoshka (whole latents here: shard_config refuses shards)
+        aux["prefixes"] = sae.prefix_loss(xs, code, impl)
+        loss = aux["prefixes"]
     # Penalties have the whole SAE's value and give each shard the gradient of its own part.
     if not sp.unit_norm_decoder:
         l1 = whole(losses.l1_decoder_weighted(code.values, sae.decoder_norms()), groups.shards)

@@ -22,6 +22,7 @@ aux_zipf_loss to keep latent usage from collapsing onto a few latents.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -248,6 +249,28 @@ class BatchTopK(_Thresholded):
 
     def select(self, acts: Tensor) -> Tensor:
         return global_topk_mask(acts, self.k * acts.shape[0])
+
+
+@register
+class Matryoshka(BatchTopK):
+    """BatchTopK whose latents form nested prefixes, each trained to reconstruct alone (Bussmann et al. 2025).
+
+    The latents are split into groups (`matryoshka_widths`); the loss is the weighted mean over prefixes
+    (groups 1..j) of the reconstruction error of that prefix's latents alone. Early latents must then
+    carry general features on their own, which later, more specific ones cannot absorb. Selection,
+    threshold and inference are BatchTopK's.
+    """
+
+    name = "matryoshka"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        widths, weights = cfg.matryoshka_groups()
+        ends = list(itertools.accumulate(widths))
+        self.groups = list(zip([0, *ends[:-1]], ends, strict=True))
+        """[lo, hi) latent range of each group."""
+        self.prefix_weights = [w / sum(weights) for w in weights]
+        """Weight of each prefix's reconstruction loss (normalised to sum to 1)."""
 
 
 @register

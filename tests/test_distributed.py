@@ -91,8 +91,9 @@ def _forward_cases(d_sae: int) -> list[dict]:
 )
 def test_sharded_forward_and_gradients_equal_the_full_sae(world: int, shards: int) -> None:
     cases = _forward_cases(21)  # 21 latents: shards of 11 and 10
-    if shards == 1:
+    if shards == 1:  # refused with latent shards
         cases.append({"sae": {"d_in": 8, "d_sae": 21, "k": 4, "sparsifier": "mutualchoice"}})
+        cases.append({"sae": {"d_in": 8, "d_sae": 21, "k": 4, "sparsifier": "matryoshka", "matryoshka_widths": "5,16"}})
     results = launch("forward", {"saes": cases, "latent_shards": shards, "sae": {"d_in": 8}}, world=world)
     ok(results)
     assert all("forward ok" in r.stdout for r in results)

@@ -374,7 +374,7 @@ def _saelab_sae(sparsifier: str, seed: int = 0) -> SAE:
         sae.act_scale.fill_(0.37)
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_()
-        if sparsifier in ("batchtopk", "featurechoice"):
+        if sparsifier in ("batchtopk", "featurechoice", "matryoshka"):
             sae.sparsifier.threshold.fill_(0.8)
         if sparsifier == "jumprelu":  # one trained here: a threshold per latent
             sae.sparsifier.threshold.uniform_(0.1, 1.5)
@@ -430,7 +430,9 @@ def test_an_export_to_saelens_loads_in_saelens_with_the_same_codes(tmp_path, spa
 
 
 @saelens
-@pytest.mark.parametrize("sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice", "jumprelu"])
+@pytest.mark.parametrize(
+    "sparsifier", ["relu", "topk", "abstopk", "batchtopk", "featurechoice", "jumprelu", "matryoshka"]
+)
 def test_saelabs_own_saved_saes_load_directly_in_saelens(tmp_path, sparsifier) -> None:
     import sae_lens
 

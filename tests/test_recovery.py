@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import mean_max_cosine, sparse_dictionary_data
+from synthetic import hierarchical_data, mean_max_cosine, sparse_dictionary_data
 
 from saelab import SAE, SAEConfig, TrainConfig
 from saelab.activations import ArrayActivations
@@ -25,11 +25,12 @@ CASES = {
     "featurechoice": ({}, 0.90),
     "relu": ({"l1_coeff": 0.3}, 0.90),
     "jumprelu": (JUMPRELU, 0.95),
+    "matryoshka": ({"matryoshka_widths": "16,32,48"}, 0.95),
 }
 
 
-def train(name: str, x: torch.Tensor, out: Path, **extra) -> SAE:
-    """An SAE of 2 x N_FEATURES latents trained on `x` for 6 epochs."""
+def train(name: str, x: torch.Tensor, out: Path, d_sae: int = 2 * N_FEATURES, k: int = 4, **extra) -> SAE:
+    """An SAE trained on `x` for 6 epochs."""
     cfg = TrainConfig(
         out_dir=str(out / name),
         batch_size=512,
@@ -41,7 +42,7 @@ def train(name: str, x: torch.Tensor, out: Path, **extra) -> SAE:
         geometric_median_samples=512,
     )
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=D_IN, d_sae=2 * N_FEATURES, sparsifier=name, k=4, **extra))
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=d_sae, sparsifier=name, k=k, **extra))
     return Trainer(cfg, sae, ArrayActivations(x, seed=0)).fit()
 
 
@@ -82,3 +83,29 @@ def test_jumprelu_l0_target_pulls_l0_towards_it(tmp_path) -> None:
             l0[target] = float(sae(x[:4096]).l0)
     print(f"L0 by target: {l0}")
     assert l0[4] < 10 < 18 < l0[24]
+
+
+def test_matryoshka_absorbs_fewer_parents_and_its_first_group_stands_alone(tmp_path, record_property) -> None:
+    """Matryoshka SAEs' claims (Bussmann et al. 2025) on a planted hierarchy: 4 parents, each firing always with
+    one of its 4 children, and 16 unrelated features (36 directions, 36 latents). Absorption: how often the
+    latent that best matches a parent's direction stays silent while that parent is active (its children's
+    latents took the parent's direction in). Then the first group (4 latents) reconstructs alone, against a
+    plain BatchTopK SAE's 4 most frequent latents."""
+    n_parents, n_dirs = 4, 36
+    x, parents, parent_on = hierarchical_data(28_000, D_IN, n_parents, 4, 16, p_parent=0.25, p_other=0.06)
+    held_out, on = x[24_000:], parent_on[24_000:]
+    results = {}
+    for name, extra in (("batchtopk", {}), ("matryoshka", {"matryoshka_widths": f"{n_parents},{n_dirs - n_parents}"})):
+        sae = train(name, x[:24_000], tmp_path, d_sae=n_dirs, k=3, **extra)
+        with torch.no_grad():
+            acts, dirs = sae.encode(held_out), sae.decoder_directions()
+            best = (parents @ (dirs / dirs.norm(dim=1, keepdim=True)).T).argmax(dim=1)
+            absorbed = [float((acts[on[:, p], best[p]] == 0).float().mean()) for p in range(n_parents)]
+            first = torch.arange(n_parents) if name == "matryoshka" else (acts > 0).sum(0).topk(n_parents).indices
+            recon = acts[:, first] @ dirs[first] + sae.b_dec / sae.act_scale
+            fvu = float((recon - held_out).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+        results[name] = {"absorption": sum(absorbed) / n_parents, "first_4_latents_fvu": fvu}
+    record_property("matryoshka_vs_batchtopk", results)
+    print(results)
+    assert results["matryoshka"]["absorption"] < results["batchtopk"]["absorption"]
+    assert results["matryoshka"]["first_4_latents_fvu"] < results["batchtopk"]["first_4_latents_fvu"]

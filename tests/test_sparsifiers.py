@@ -16,7 +16,9 @@ def sparsifier(name: str, k: int, d_sae: int, **kw):
 
 
 def test_registry_has_every_variant() -> None:
-    assert set(SPARSIFIERS) == {"relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu"}
+    assert set(SPARSIFIERS) == {
+        "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka"
+    }  # fmt: skip
 
 
 def test_jumprelu_keeps_what_clears_each_latents_own_threshold() -> None:
@@ -176,3 +178,25 @@ def test_every_variant_trains_in_a_plain_user_loop(name: str) -> None:
     assert out.mse.item() < first
     sae.eval()
     assert sae.encode(x).shape == (64, 32)
+
+
+def test_matryoshka_loss_is_the_weighted_mean_of_each_prefix_reconstructing_alone() -> None:
+    from saelab.errors import ConfigError
+    from saelab.sparsifiers import Code
+
+    sae = SAE(SAEConfig(d_in=2, d_sae=3, sparsifier="matryoshka", k=1, matryoshka_widths="1,2",
+                        matryoshka_weights="1,3"))  # fmt: skip
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    x = torch.tensor([[2.0, 1.0]])
+    code = Code(torch.tensor([[2.0, 1.0, 0.0]]), None)
+    # Prefix 1 (latent 0 alone) rebuilds [2, 0]: squared error 1. Prefix 2 (all) rebuilds [2, 1]: error 0.
+    # Weights 1 and 3, normalised: 0.25 * 1 + 0.75 * 0.
+    assert float(sae.prefix_loss(x, code)) == pytest.approx(0.25)
+    sparse = Code(torch.tensor([[2.0, 1.0]]), torch.tensor([[0, 1]]))  # the same code as the kernels give it
+    assert float(sae.prefix_loss(x, sparse)) == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="sum to d_sae = 3"):
+        SAEConfig(d_in=2, d_sae=3, sparsifier="matryoshka", matryoshka_widths="1,1")
+    with pytest.raises(ConfigError, match="needs 2 non-negative weights"):
+        SAEConfig(d_in=2, d_sae=3, sparsifier="matryoshka", matryoshka_widths="1,2", matryoshka_weights="1")
+    assert SAEConfig(d_in=8, d_sae=62, sparsifier="matryoshka").matryoshka_groups()[0] == [2, 4, 8, 16, 32]
