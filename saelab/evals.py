@@ -39,10 +39,63 @@ def density_histogram(firing_rate: Tensor, bins: int = 40) -> dict[str, list[flo
     return {"log10_density_edges": edges.tolist(), "counts": counts.tolist()}
 
 
-class _ReconStats:
-    """Running sums for MSE / FVU / L0 / firing rates over a stream of batches."""
+class DarkMatter:
+    """How much of an SAE's error is linearly predictable from its input (Engels et al. 2024, "Decomposing
+    the dark matter of sparse autoencoders").
 
-    def __init__(self, d_sae: int, device: torch.device):
+    Two least-squares fits with a bias, from the input x [N, d]: of the error vector e = x - x_hat, and of
+    its norm ||e||. Each is fitted on every other token and scored (R^2) on the rest, from running sums,
+    so the scores are out of sample and memory does not grow with the tokens.
+    """
+
+    def __init__(self, d: int, device: torch.device, ridge: float = 1e-6):
+        z = {"dtype": torch.float64, "device": device}
+        self.ridge = ridge
+        # [fit, score] halves: X~'X~, X~'e, X~'|e|, sum e, sum |e|^2 (as e.e), sum |e|, sum |e|^2 (as a scalar), n
+        self.xx = [torch.zeros(d + 1, d + 1, **z) for _ in range(2)]
+        self.xe = [torch.zeros(d + 1, d, **z) for _ in range(2)]
+        self.xn = [torch.zeros(d + 1, **z) for _ in range(2)]
+        self.e_sum = [torch.zeros(d, **z) for _ in range(2)]
+        self.sq, self.norm_sum, self.norm_sq, self.n = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0, 0]
+
+    def update(self, x: Tensor, err: Tensor) -> None:
+        """Add a batch of inputs x [N, d] and errors x - x_hat [N, d]: even rows to the fit, odd to the score."""
+        for h in range(2):
+            xt = torch.cat([x[h::2].double(), x.new_ones(len(x[h::2]), 1, dtype=torch.float64)], dim=1)
+            e = err[h::2].double()
+            norm = e.norm(dim=1)
+            self.xx[h] += xt.T @ xt
+            self.xe[h] += xt.T @ e
+            self.xn[h] += xt.T @ norm
+            self.e_sum[h] += e.sum(0)
+            self.sq[h] += float(e.pow(2).sum())
+            self.norm_sum[h] += float(norm.sum())
+            self.norm_sq[h] += float(norm.pow(2).sum())
+            self.n[h] += len(e)
+
+    def scores(self) -> tuple[float, float]:
+        """(R^2 of the error vector, R^2 of the error norm) on the scoring half; NaN before two tokens."""
+        if min(self.n) == 0:
+            return math.nan, math.nan
+        # A little ridge on the input's coefficients (not the bias) keeps the solve stable for collinear inputs.
+        eye = torch.eye(len(self.xx[0]), dtype=torch.float64, device=self.xx[0].device)
+        eye[-1, -1] = 0
+        A = self.xx[0] + self.ridge * self.xx[0].diagonal()[:-1].mean() * eye
+        W, w = torch.linalg.solve(A, self.xe[0]), torch.linalg.solve(A, self.xn[0])
+        n, xx = self.n[1], self.xx[1]
+        # Sums of squared residuals from the scoring half's sums: |e - W'x~|^2 = e.e - 2 tr(W'X~'e) + tr(W'X~'X~W)
+        resid = self.sq[1] - 2 * float((W * self.xe[1]).sum()) + float((W * (xx @ W)).sum())
+        total = self.sq[1] - float(self.e_sum[1].pow(2).sum()) / n
+        resid_n = self.norm_sq[1] - 2 * float(w @ self.xn[1]) + float(w @ xx @ w)
+        total_n = self.norm_sq[1] - self.norm_sum[1] ** 2 / n
+        return 1 - resid / max(total, 1e-30), 1 - resid_n / max(total_n, 1e-30)
+
+
+class _ReconStats:
+    """Running sums for MSE / FVU / L0 / firing rates (and the error's dark matter) over a stream of batches."""
+
+    def __init__(self, d_sae: int, device: torch.device, d_in: int = 0):
+        self.dark = DarkMatter(d_in, device) if d_in else None
         self.n = 0
         self.sq_err = 0.0
         self.sum_x: Tensor | float = 0.0
@@ -59,6 +112,8 @@ class _ReconStats:
         nz = acts != 0
         self.l0_sum += float(nz.sum())
         self.fired += nz.sum(0)
+        if self.dark is not None:
+            self.dark.update(x, x - recon)
 
     def metrics(self) -> ReconMetrics:
         if self.n == 0:
@@ -66,6 +121,7 @@ class _ReconStats:
         mean = self.sum_x / self.n
         total_var = self.sum_sq - self.n * float(mean.pow(2).sum())
         rate = self.fired.double() / self.n
+        dark = self.dark.scores() if self.dark is not None else (None, None)
         return ReconMetrics(
             tokens=self.n,
             l0=self.l0_sum / self.n,
@@ -74,6 +130,8 @@ class _ReconStats:
             dead_frac=float((self.fired == 0).double().mean()),
             dense_frac=float((rate > DENSE_THRESHOLD).double().mean()),
             density_histogram=density_histogram(rate),
+            error_predictable=dark[0],
+            error_norm_predictable=dark[1],
         )
 
 
@@ -140,7 +198,7 @@ def _splice_each_source(
     """
     sae.eval()
     S, device = len(sources), next(sae.parameters()).device
-    stats = [_ReconStats(sae.d_sae, device) for _ in sources]
+    stats = [_ReconStats(sae.d_sae, device, sae.d_in // S) for _ in sources]
     losses = [NextTokenLoss() for _ in sources]
     n_tok = n_outliers = 0
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch"):

@@ -6,7 +6,7 @@ No torch here: `eval.json`, the feature store and the app read and show these wi
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DENSE_THRESHOLD = 0.1
@@ -36,6 +36,11 @@ class ReconMetrics:
     """Share of latents firing on more than `DENSE_THRESHOLD` of tokens."""
     density_histogram: dict[str, list[float]]
     """Histogram of log10 firing rates of the live latents: {'log10_density_edges', 'counts'}."""
+    error_predictable: float | None = field(default=None, kw_only=True)
+    """Dark matter (Engels et al. 2024): share of the error vector's variance a linear map of the input
+    predicts (held-out R^2). Measured by `saelab eval`."""
+    error_norm_predictable: float | None = field(default=None, kw_only=True)
+    """... of the error norm's variance a linear function of the input predicts."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict view for JSON (optional fields that are unset are left out)."""
@@ -137,6 +142,8 @@ TABLE_KEYS = (
     ("ce_loss_recovered", "CE loss recovered"),
     ("kl_div", "KL(clean || spliced)"),
     ("ce_loss_all_tokens", "CE loss, SAE at every token"),
+    ("error_predictable", "error linearly predictable (R^2)"),
+    ("error_norm_predictable", "error norm linearly predictable (R^2)"),
     ("outlier_frac", "massive-norm tokens passed through"),
     ("eval_tokens", "held-out tokens"),
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -74,3 +76,32 @@ def test_hook_width_mismatch_is_a_clear_error(tiny_model) -> None:
     sae = SAE(SAEConfig(d_in=16, d_sae=32, k=2, hook_name="blocks.0.hook_resid_post"))
     with pytest.raises(ValueError, match=r"d_in = 16 does not match hook 'blocks.0.hook_resid_post'.*width 32"):
         spliced_metrics(sae, tiny_model, torch.tensor([[3, 4, 5]]))
+
+
+def test_dark_matter_finds_the_planted_linear_part_of_an_error() -> None:
+    """e = x A + noise with x ~ N(0, I): a linear map predicts tr(A'A) / (tr(A'A) + d s^2) of e's variance."""
+    from saelab.evals import DarkMatter
+
+    torch.manual_seed(0)
+    d, s = 16, 0.5
+    A = torch.randn(d, d) * 0.2
+    expected = float(A.pow(2).sum() / (A.pow(2).sum() + d * s**2))
+    dark = DarkMatter(d, torch.device("cpu"))
+    norm_only = DarkMatter(d, torch.device("cpu"))
+    u = torch.randn(d)
+    u /= u.norm()
+    w = torch.randn(d) * 0.3  # so 10 + w.x stays positive
+    for _ in range(20):
+        x = torch.randn(2000, d)
+        dark.update(x, x @ A + s * torch.randn(2000, d))
+        # An error along one direction whose length is 10 + w.x (> 0 here): its norm is linear in x, its
+        # direction is not noise, so both are predictable; then pure noise, which neither is.
+        norm_only.update(x, (10 + x @ w)[:, None] * u)
+    vector = dark.scores()[0]
+    assert vector == pytest.approx(expected, abs=0.02)
+    assert norm_only.scores() == pytest.approx((1.0, 1.0), abs=1e-6)
+    noise = DarkMatter(d, torch.device("cpu"))
+    for _ in range(20):
+        noise.update(torch.randn(2000, d), torch.randn(2000, d))
+    assert all(abs(r) < 0.01 for r in noise.scores())
+    assert math.isnan(DarkMatter(d, torch.device("cpu")).scores()[0])  # nothing scored yet
