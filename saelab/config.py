@@ -22,10 +22,12 @@ from typing import Any, get_type_hints
 
 from saelab.errors import ConfigError
 
-SPARSIFIER_NAMES = ("relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka")
+SPARSIFIER_NAMES = (
+    "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka", "topafa"
+)  # fmt: skip
 """The sparsifiers `saelab.sparsifiers` registers (it refuses to register any other name)."""
 
-K_FREE_SPARSIFIERS = frozenset({"relu", "jumprelu"})
+K_FREE_SPARSIFIERS = frozenset({"relu", "jumprelu", "topafa"})
 """Sparsifiers whose sparsity comes from a penalty or a threshold rather than from k."""
 
 SIGNED_SPARSIFIERS = frozenset({"abstopk"})
@@ -51,7 +53,8 @@ class SAEConfig:
     sparsifier: str = "topk"
     """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice,
     jumprelu (a learned threshold per latent and an L0 penalty), matryoshka (BatchTopK whose nested prefixes
-    of latents each learn to reconstruct alone)."""
+    of latents each learn to reconstruct alone), topafa (each token keeps the fewest latents whose energy
+    reaches its input's: no k)."""
 
     k: int = 32
     """Active latents per token (top-k family); the batch-level variants spend a budget of k * batch."""
@@ -70,6 +73,10 @@ class SAEConfig:
 
     jumprelu_init_threshold: float = 0.001
     """jumprelu only: every latent's threshold at initialisation (in normalised units)."""
+
+    afa_coeff: float = 1 / 32
+    """topafa only: weight of the AFA loss, (||x|| - ||code||)^2 / d_in per token, which pulls the code's norm
+    towards the input's (Lee et al. 2025)."""
 
     matryoshka_widths: str = ""
     """matryoshka only: comma-separated widths of the latent groups, summing to d_sae; prefix j is groups

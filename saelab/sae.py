@@ -181,11 +181,21 @@ class SAE(nn.Module):
 
     def encode_code(self, x: Tensor) -> Code:
         """Sparse code of inputs [..., d_in] as a `Code` (the sparsifier's native form)."""
+        xs = self._flat(x)
         if self.sparsifier.per_token:
-            xs = self._flat(x)
             sel = self._select(xs, self._impl(xs.device))
             return Code(sel.values, sel.indices)
-        return self.sparsifier(self.pre_acts(x))
+        return self._sparsify(self._pre(xs), xs)
+
+    def _sparsify(self, pre: Tensor, xs: Tensor) -> Code:
+        """The sparsifier's code of pre-activations of normalised inputs xs (topafa also reads their energy)."""
+        if self.sparsifier.reads_energy:
+            return self.sparsifier(pre, self._energy(xs))
+        return self.sparsifier(pre)
+
+    def _energy(self, xs: Tensor) -> Tensor:
+        """||x - b_dec||^2 per token of normalised inputs [N, d_in]: what the latents must rebuild."""
+        return (xs - self.b_dec).detach().pow(2).sum(-1)
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations as a dense [..., d_sae] tensor."""
@@ -246,12 +256,16 @@ class SAE(nn.Module):
             code, aux_codes = sp.select_candidates(sel.values, sel.indices), sel.aux
         if code is None:
             pre = self._pre(xs)
-            code = sp(pre)
+            code = self._sparsify(pre, xs)
             aux_codes = [ops.select_scaled(pre, s, self.k_aux, sp.signed) for s in aux_scales.values()]
         recon = self._decode_normalised(code, impl)
         mse = losses.mse(xs, recon)
         loss = mse
         aux: dict[str, Tensor] = {}
+        if sp.reads_energy:  # topafa: the code's norm should match the input's
+            norms = self._energy(xs).sqrt()
+            aux["afa"] = (norms - code.values.norm(dim=-1)).pow(2).mean() / self.d_in
+            loss = loss + cfg.afa_coeff * aux["afa"]
         if hasattr(sp, "prefix_weights"):  # matryoshka: each prefix of latents reconstructs alone
             aux["prefixes"] = self.prefix_loss(xs, code, impl)
             loss = aux["prefixes"]

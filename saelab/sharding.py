@@ -92,9 +92,10 @@ def shard_config(cfg: SAEConfig, groups: Groups) -> SAEConfig:
     """The config of this rank's shard: its latents, and k no larger than them (the full k is `cfg.k`)."""
     if groups.n_shards > cfg.d_sae:
         raise ConfigError(f"{groups.n_shards} latent shards for {cfg.d_sae} latents: each shard needs one at least")
-    if groups.n_shards > 1 and cfg.sparsifier in ("mutualchoice", "matryoshka"):
+    if groups.n_shards > 1 and cfg.sparsifier in ("mutualchoice", "matryoshka", "topafa"):
         why = {"mutualchoice": "ranks every latent by firing rate for aux_zipf_loss",
-               "matryoshka": "reconstructs from each prefix of latents, which spans the shards"}  # fmt: skip
+               "matryoshka": "reconstructs from each prefix of latents, which spans the shards",
+               "topafa": "ranks each token's activations over every latent"}  # fmt: skip
         raise ConfigError(f"{cfg.sparsifier} {why[cfg.sparsifier]}; train it data-parallel (latent_shards = 1)")
     lo, hi = latent_range(cfg.d_sae, groups.shard, groups.n_shards)
     return dataclasses.replace(cfg, d_sae=hi - lo, k=min(cfg.k, hi - lo))

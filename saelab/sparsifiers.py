@@ -83,6 +83,8 @@ class Sparsifier(nn.Module):
     """Sparsity is set by k (everything but relu, whose sparsity comes from the L1 penalty)."""
     uses_zipf: ClassVar[bool] = False
     """Train under-used latents with aux_zipf_loss (needs a `firing_rate` buffer)."""
+    reads_energy: ClassVar[bool] = False
+    """The selection also reads each token's input energy ||x - b_dec||^2 (topafa): `forward(pre, energy)`."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -271,6 +273,32 @@ class Matryoshka(BatchTopK):
         """[lo, hi) latent range of each group."""
         self.prefix_weights = [w / sum(weights) for w in weights]
         """Weight of each prefix's reconstruction loss (normalised to sum to 1)."""
+
+
+@register
+class TopAFA(Sparsifier):
+    """Each token keeps its fewest, largest latents whose energy reaches the input's: no k (Lee et al. 2025).
+
+    With unit-norm decoder rows and nearly orthogonal ones, a code's squared norm approximates the
+    squared norm of what it reconstructs (their "approximate feature activation"). So a token keeps its
+    largest activations, in order, until their squared sum reaches ||x - b_dec||^2: tokens that carry
+    more get more latents. The AFA loss (`afa_coeff`) pulls each code's norm towards its input's.
+    """
+
+    name = "topafa"
+    uses_k = False
+    reads_energy = True
+
+    def forward(self, pre: Tensor, energy: Tensor | None = None) -> Code:
+        if energy is None:
+            raise ValueError("topafa selects by each token's input energy: call it through the SAE")
+        acts = pre.relu()
+        values, order = acts.detach().sort(dim=1, descending=True)
+        # Keep ranks up to the first at which the cumulative energy reaches the input's (all, if none does).
+        n_keep = (values.pow(2).cumsum(dim=1) < energy.detach()[:, None]).sum(dim=1, keepdim=True) + 1
+        ranks = torch.arange(acts.shape[1], device=acts.device).expand_as(acts)
+        keep = torch.zeros_like(acts, dtype=torch.bool).scatter(1, order, ranks < n_keep)
+        return Code(acts * keep, None)
 
 
 @register

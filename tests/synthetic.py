@@ -7,9 +7,10 @@ from torch import Tensor
 
 
 def sparse_dictionary_data(
-    n: int, d: int, n_features: int, p_active: float, signed: bool = False, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """(x [n, d], true dictionary [n_features, d] with unit rows): each feature fires with prob p_active."""
+    n: int, d: int, n_features: int, p_active: float, signed: bool = False, seed: int = 0, counts: bool = False
+) -> tuple[Tensor, ...]:
+    """(x [n, d], true dictionary [n_features, d] with unit rows): each feature fires with prob p_active.
+    `counts` adds each token's number of active features [n]."""
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(n_features, d, generator=g)
     D /= D.norm(dim=1, keepdim=True)
@@ -17,7 +18,8 @@ def sparse_dictionary_data(
     mags = 0.5 + torch.rand(n, n_features, generator=g)
     if signed:
         mags *= torch.randint(0, 2, (n, n_features), generator=g) * 2 - 1
-    return (active * mags) @ D, D
+    x = (active * mags) @ D
+    return (x, D, active.sum(1)) if counts else (x, D)
 
 
 def mean_max_cosine(learned: Tensor, true: Tensor, signed: bool = False) -> float:

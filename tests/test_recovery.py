@@ -26,6 +26,7 @@ CASES = {
     "relu": ({"l1_coeff": 0.3}, 0.90),
     "jumprelu": (JUMPRELU, 0.95),
     "matryoshka": ({"matryoshka_widths": "16,32,48"}, 0.95),
+    "topafa": ({}, 0.90),
 }
 
 
@@ -109,3 +110,31 @@ def test_matryoshka_absorbs_fewer_parents_and_its_first_group_stands_alone(tmp_p
     print(results)
     assert results["matryoshka"]["absorption"] < results["batchtopk"]["absorption"]
     assert results["matryoshka"]["first_4_latents_fvu"] < results["batchtopk"]["first_4_latents_fvu"]
+
+
+def test_topafa_l0_follows_each_tokens_feature_count(tmp_path, record_property) -> None:
+    """top-AFA (Lee et al. 2025) has no k: a token keeps latents until their energy reaches its input's. On
+    planted data whose tokens hold 0 to 9 features, measured here: per-token L0 correlates with the true count
+    (about 0.44), and held-out FVU is below that of TopK with k at top-AFA's mean L0. At this scale its L0 is
+    far above the true count (about 45 of 96 latents for 3 features): the positive activations' energy stays
+    below the input's, so every one of them is kept."""
+    x, _, counts = sparse_dictionary_data(28_000, D_IN, N_FEATURES, p_active=3 / N_FEATURES, counts=True)
+    held_out, true_counts = x[24_000:], counts[24_000:].float()
+    afa = train("topafa", x[:24_000], tmp_path)
+    with torch.no_grad():
+        out = afa(held_out)
+        l0 = (afa.encode(held_out) != 0).sum(1).float()
+        corr = float(torch.corrcoef(torch.stack([l0, true_counts]))[0, 1])
+    topk_sae = train("topk", x[:24_000], tmp_path, k=round(float(out.l0)))
+    with torch.no_grad():
+        topk = topk_sae(held_out)
+    results = {
+        "corr": corr,
+        "l0": float(out.l0),
+        "fvu": float(out.fvu),
+        "topk_l0": float(topk.l0),
+        "topk_fvu": float(topk.fvu),
+    }
+    record_property("topafa", results)
+    print(results)
+    assert corr > 0.3 and results["fvu"] <= results["topk_fvu"]

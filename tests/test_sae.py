@@ -153,7 +153,7 @@ def test_shipped_configs_load() -> None:
 
     configs = sorted(Path(__file__).parents[1].glob("data/configs/*.toml"))
     names = {load_config(p).sae.sparsifier for p in configs}
-    assert names == {"relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka"}
+    assert names == {"relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka", "topafa"}
 
 
 def test_decoder_constraint_keeps_rows_on_the_unit_sphere() -> None:

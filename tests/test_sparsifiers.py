@@ -17,7 +17,7 @@ def sparsifier(name: str, k: int, d_sae: int, **kw):
 
 def test_registry_has_every_variant() -> None:
     assert set(SPARSIFIERS) == {
-        "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka"
+        "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka", "topafa"
     }  # fmt: skip
 
 
@@ -200,3 +200,17 @@ def test_matryoshka_loss_is_the_weighted_mean_of_each_prefix_reconstructing_alon
     with pytest.raises(ConfigError, match="needs 2 non-negative weights"):
         SAEConfig(d_in=2, d_sae=3, sparsifier="matryoshka", matryoshka_widths="1,2", matryoshka_weights="1")
     assert SAEConfig(d_in=8, d_sae=62, sparsifier="matryoshka").matryoshka_groups()[0] == [2, 4, 8, 16, 32]
+
+
+def test_topafa_keeps_the_fewest_largest_latents_whose_energy_reaches_the_inputs() -> None:
+    sp = sparsifier("topafa", k=1, d_sae=4)
+    pre = torch.tensor([[1.0, 3.0, -1.0, 2.0]] * 3)
+    # Squared activations in order: 9, 4, 1 (cumulative 9, 13, 14). Energy 12 needs two (9 < 12 <= 13);
+    # 100 is never reached, so every positive one is kept; 5 is reached by the largest alone.
+    code = sp(pre, torch.tensor([12.0, 100.0, 5.0]))
+    expected = torch.tensor([[0.0, 3.0, 0.0, 2.0], [1.0, 3.0, 0.0, 2.0], [0.0, 3.0, 0.0, 0.0]])
+    torch.testing.assert_close(code.values, expected)
+    with pytest.raises(ValueError, match="input energy"):
+        sp(pre)
+    sae = SAE(SAEConfig(d_in=2, d_sae=4, sparsifier="topafa"))
+    assert sae.encode(torch.randn(5, 2)).shape == (5, 4)  # the SAE passes the energy, at inference too
