@@ -146,3 +146,30 @@ def test_a_jumprelu_trains_evaluates_analyses_and_opens_in_saelens_layout(tiny_m
     assert 0 < result["l0"] < 64 and "ce_loss_recovered" in result
     an = saelab("analyze", str(out), "--tokens", "256", "--store", str(tmp_path / "s.duckdb"), "--n_top", "3")
     assert an.returncode == 0, an.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("sparsifier", "extra", "layout"),
+    [("matryoshka", ["--sae.matryoshka_widths", "16,48"], "jumprelu"), ("topafa", [], "topafa")],
+)
+def test_matryoshka_and_topafa_train_evaluate_analyse_and_steer(
+    tiny_model_dir, corpus_dir, tmp_path, sparsifier, extra, layout
+) -> None:
+    from saelab.rundir import RunDir
+    from saelab.steering import Add, generate
+
+    out = tmp_path / sparsifier
+    done = saelab("train", *tiny_args(tiny_model_dir, corpus_dir, out), "--sae.sparsifier", sparsifier, *extra)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loss_term = {"matryoshka": "prefixes", "topafa": "afa"}[sparsifier]
+    assert loss_term in json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads((out / "cfg.json").read_text())["architecture"] == layout  # SAELens's jumprelu where it has one
+    result = json.loads(saelab("eval", str(out), "--json", "--tokens", "256").stdout)
+    assert 0 < result["l0"] < 64 and "ce_loss_recovered" in result
+    an = saelab("analyze", str(out), "--tokens", "256", "--store", str(tmp_path / "s.duckdb"), "--n_top", "3")
+    assert an.returncode == 0, an.stderr[-2000:]
+    sae, _, sources = RunDir(out).load()
+    model = sources[0][0]
+    plain = generate(model, "To be, or not", max_new_tokens=4)
+    steered = generate(model, "To be, or not", max_new_tokens=4, interventions=[Add(sae, [0, 1], 50.0)])
+    assert isinstance(steered, str) and steered != plain  # a strong push along two latents changes the text
