@@ -144,8 +144,7 @@ def check_agreement(mesh: Mesh | None, what: str, facts: dict[str, Any]) -> None
     if mesh is None:
         return
     facts = {"saelab version": __version__, "torch version": torch.__version__} | facts
-    every: list[Any] = [None] * mesh.world
-    dist.all_gather_object(every, facts)
+    every = gather_objects(mesh, facts)
     differ = []
     for key in facts:
         values = [f.get(key) for f in every]

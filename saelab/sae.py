@@ -28,6 +28,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed import ReduceOp
 
 from saelab import collectives, formats, losses, ops
 from saelab.config import SAEConfig, from_dict, to_dict
@@ -238,14 +239,7 @@ class SAE(nn.Module):
         xs = self._flat(x)
         sp, cfg = self.sparsifier, self.cfg
         impl = self._impl(xs.device)
-        # Auxiliary selections are defined by per-latent scales: AuxK's dead mask, aux_zipf's shortfall.
-        aux_scales: dict[str, Tensor] = {}
-        if self.training and sp.uses_auxk and dead_mask is not None and bool(dead_mask.any()):
-            aux_scales["auxk"] = dead_mask.to(xs.dtype)
-        if self.training and sp.uses_zipf:
-            shortfall = losses.zipf_shortfall(sp.firing_rate, cfg.k, cfg.zipf_exponent)
-            if bool((shortfall > 0).any()):
-                aux_scales["zipf"] = shortfall
+        aux_scales = self.aux_scales(dead_mask)
         code = pre = None
         if sp.per_token:
             sel = self._select(xs, impl, tuple(aux_scales.values()))
@@ -258,7 +252,54 @@ class SAE(nn.Module):
             pre = self._pre(xs)
             code = self._sparsify(pre, xs)
             aux_codes = [ops.select_scaled(pre, s, self.k_aux, sp.signed) for s in aux_scales.values()]
-        recon = self._decode_normalised(code, impl)
+        return self.output(x, xs, code, pre, aux_scales, aux_codes, impl, l1_scale, replicas=replicas)
+
+    def aux_scales(self, dead_mask: Tensor | None, shards: Any = None) -> dict[str, Tensor]:
+        """Per-latent scales of the training-time auxiliary selections, from the statistics before this batch:
+        AuxK's dead mask (when a latent of the SAE is dead, on this shard or, given `shards`, another), and
+        aux_zipf's shortfall."""
+        sp, cfg = self.sparsifier, self.cfg
+        scales: dict[str, Tensor] = {}
+        if not self.training:
+            return scales
+        if sp.uses_auxk and dead_mask is not None:
+            any_dead = collectives.all_reduce(dead_mask.any().float().reshape(1), shards, ReduceOp.MAX)
+            if bool(any_dead):
+                scales["auxk"] = dead_mask.to(self.W_enc.dtype)
+        if sp.uses_zipf:
+            shortfall = losses.zipf_shortfall(sp.firing_rate, cfg.k, cfg.zipf_exponent)
+            if bool((shortfall > 0).any()):
+                scales["zipf"] = shortfall
+        return scales
+
+    def output(
+        self,
+        x: Tensor,
+        xs: Tensor,
+        code: Code,
+        pre: Tensor | None,
+        aux_scales: dict[str, Tensor],
+        aux_codes: list[tuple[Tensor, Tensor]],
+        impl: Any,
+        l1_scale: float,
+        shards: Any = None,
+        replicas: Any = None,
+    ) -> SAEOutput:
+        """Decode a batch's code and assemble every loss term: the rest of `forward` once the code of inputs
+        x (normalised: xs) is selected, with pre-activations `pre` where the path has them and one auxiliary
+        code per scale of `aux_scales`.
+
+        `shards`: the process group of this SAE's other latent shards (`saelab.sharding`): reconstructions
+        and penalties are summed over it, and each shard gets the gradient of its own part. `replicas`: as in
+        `forward`.
+        """
+        sp, cfg = self.sparsifier, self.cfg
+
+        def decode(values: Tensor, indices: Tensor | None, W: Tensor) -> Tensor:
+            partial = values @ W if indices is None else impl.decode_sparse(values, indices, W)
+            return collectives.reduce_from_group(partial, shards)
+
+        recon = decode(code.values, code.indices, self.W_dec) + self.b_dec
         mse = losses.mse(xs, recon)
         loss = mse
         aux: dict[str, Tensor] = {}
@@ -269,27 +310,30 @@ class SAE(nn.Module):
         if hasattr(sp, "prefix_weights"):  # matryoshka: each prefix of latents reconstructs alone
             aux["prefixes"] = self.prefix_loss(xs, code, impl)
             loss = aux["prefixes"]
+        # Penalties have the whole SAE's value and give each shard (and replica) the gradient of its own part.
         if not sp.unit_norm_decoder:
-            aux["l1"] = losses.l1_decoder_weighted(code.values, self.decoder_norms())
+            aux["l1"] = collectives.whole(losses.l1_decoder_weighted(code.values, self.decoder_norms()), shards)
             loss = loss + cfg.l1_coeff * l1_scale * aux["l1"]
         l0 = sp.l0_surrogate(pre) if self.training and pre is not None else None
-        if l0 is not None:  # the penalty of the whole batch's L0; each replica differentiates its own part
-            aux["sparsity"] = sp.sparsity_penalty(collectives.whole(l0, replicas, mean=True))
+        if l0 is not None:
+            l0 = collectives.whole(collectives.whole(l0, shards), replicas, mean=True)
+            aux["sparsity"] = sp.sparsity_penalty(l0)
             loss = loss + cfg.l0_coeff * l1_scale * aux["sparsity"]
         parts = collectives.size(replicas)
         if aux_scales:
             resid = (xs - recon).detach()
             spread = collectives.spread(resid, replicas)
             for name, (vals, idx) in zip(aux_scales, aux_codes, strict=True):
-                aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, impl.decode_sparse, spread, parts)
+                aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, decode, spread, parts)
                 loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
+        l0_code = collectives.all_reduce((code.values != 0).sum(-1).float().mean().detach().reshape(1), shards)[0]
         return SAEOutput(
             recon=(recon / self.act_scale).reshape(x.shape),
             code=code,
             loss=loss,
             mse=mse.detach(),
             fvu=losses.fvu(xs, recon, collectives.spread(xs, replicas), parts).detach(),
-            l0=code.l0().detach(),
+            l0=l0_code,
             aux={k: v.detach() for k, v in aux.items()},
         )
 

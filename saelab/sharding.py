@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from saelab import losses, ops
+from saelab import ops
 from saelab.collectives import (
     all_gather,
     all_reduce,
@@ -35,10 +35,7 @@ from saelab.collectives import (
     kth_largest,
     kth_largest_columns,
     kth_largest_rows,
-    reduce_from_group,
     size,
-    spread,
-    whole,
 )
 from saelab.config import SAEConfig
 from saelab.errors import ConfigError
@@ -124,23 +121,16 @@ def forward(
 ) -> SAEOutput:
     """The full SAE's training forward pass (`SAE.forward`) for this rank's shard `sae` and batch part `x`.
 
-    `cfg` is the full SAE's config. Every returned number is the full SAE's on this replica's batch part;
-    `loss` differentiates to this shard's own gradients (replicas' gradients still need averaging).
+    `cfg` is the full SAE's config. The selection is done here; decoding and the losses are `SAE.output`'s,
+    summed over the shards. Every returned number is the full SAE's on this replica's batch part; `loss`
+    differentiates to this shard's own gradients (replicas' gradients still need averaging).
     """
     sp = sae.sparsifier
     xs = sae._flat(x)
     impl = sae._impl(xs.device)
     # The encoder reads b_dec on every shard: its gradient from there is summed over the shards.
     b_dec = copy_to_group(sae.b_dec, groups.shards)
-    # Auxiliary selections are set from the statistics before this batch's (as in SAE.forward).
-    scales: dict[str, Tensor] = {}
-    if sp.uses_auxk and dead_mask is not None:
-        if bool(all_reduce(dead_mask.any().float().reshape(1), groups.shards, dist.ReduceOp.MAX)):
-            scales["auxk"] = dead_mask.to(xs.dtype)
-    if sp.uses_zipf:  # mutualchoice, never sharded (shard_config), so its firing rates are whole here
-        shortfall = losses.zipf_shortfall(sp.firing_rate, cfg.k, cfg.zipf_exponent)
-        if bool((shortfall > 0).any()):
-            scales["zipf"] = shortfall
+    scales = sae.aux_scales(dead_mask, groups.shards)
     width = sae.d_sae
     k_aux = min(cfg.auxk_k or sae.d_in // 2, cfg.d_sae)
     pre = None
@@ -157,44 +147,7 @@ def forward(
         for scale in scales.values():
             v, i = ops.select_scaled(pre, scale, min(k_aux, width), sp.signed)
             aux_codes.append((_keep_top(v, k_aux, sp.signed, groups), i))
-
-    def decode(values: Tensor, indices: Tensor | None, W: Tensor) -> Tensor:
-        """The whole SAE's decoding of a code split over the shards."""
-        partial = values @ W if indices is None else impl.decode_sparse(values, indices, W)
-        return reduce_from_group(partial, groups.shards)
-
-    recon = decode(code.values, code.indices, sae.W_dec) + sae.b_dec
-    mse = losses.mse(xs, recon)
-    loss = mse
-    aux: dict[str, Tensor] = {}
-    if hasattr(sp, "prefix_weights"):  # matryoshka (whole latents here: shard_config refuses shards)
-        aux["prefixes"] = sae.prefix_loss(xs, code, impl)
-        loss = aux["prefixes"]
-    # Penalties have the whole SAE's value and give each shard the gradient of its own part.
-    if not sp.unit_norm_decoder:
-        l1 = whole(losses.l1_decoder_weighted(code.values, sae.decoder_norms()), groups.shards)
-        aux["l1"] = l1
-        loss = loss + cfg.l1_coeff * l1_scale * l1
-    if pre is not None and (l0 := sp.l0_surrogate(pre)) is not None:
-        aux["sparsity"] = sp.sparsity_penalty(whole(whole(l0, groups.shards), groups.replicas, mean=True))
-        loss = loss + cfg.l0_coeff * l1_scale * aux["sparsity"]
-    parts = groups.n_replicas
-    if scales:
-        resid = (xs - recon).detach()
-        resid_spread = spread(resid, groups.replicas)
-        for name, (values, indices) in zip(scales, aux_codes, strict=True):
-            aux[name] = losses.residual_fit_loss(resid, values, indices, sae.W_dec, decode, resid_spread, parts)
-            loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
-    l0 = all_reduce((code.values != 0).sum(-1).float().mean().detach().reshape(1), groups.shards)[0]
-    return SAEOutput(
-        recon=(recon / sae.act_scale).reshape(x.shape),
-        code=code,
-        loss=loss,
-        mse=mse.detach(),
-        fvu=losses.fvu(xs, recon, spread(xs, groups.replicas), parts).detach(),
-        l0=l0,
-        aux={k: v.detach() for k, v in aux.items()},
-    )
+    return sae.output(x, xs, code, pre, scales, aux_codes, impl, l1_scale, groups.shards, groups.replicas)
 
 
 def _select(sae: SAE, pre: Tensor, cfg: SAEConfig, groups: Groups) -> Code:
