@@ -98,7 +98,8 @@ def interventions(
         )
     with common.errors():
         if kind == "add":
-            return [Add(run.sae, features, strengths, units, max_acts, hook, _crosscoder_source(run, source))]
+            src = _crosscoder_source(run, source)  # an SAE's Add finds its own hook (a transcoder's: its output)
+            return [Add(run.sae, features, strengths, units, max_acts, hook if src is not None else None, src)]
         if kind == "clamp":
             return [Clamp(run.sae, features, strengths, units=units, max_acts=max_acts)]
         return [Ablate(run.sae, features)]

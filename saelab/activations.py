@@ -141,13 +141,17 @@ class ModelActivations:
         threshold: float | None = None,
         extra_sources: Sequence[tuple[LanguageModel, str]] = (),
         read: Callable[[Tensor], Tensor] | None = None,
+        extra_width: int = 0,
     ):
         self.sequences = sequences
         self.sources = [(model, hook_name), *extra_sources]
         self.model_batch_size = model_batch_size
         self.factor = exclude_norm_factor
         self.buffer_tokens = buffer_tokens
-        self.d_in = check_sources(self.sources) * len(self.sources)
+        self.d_norm = check_sources(self.sources) * len(self.sources)
+        """Columns of a row that are the sources' activations (the outlier rule reads their norm)."""
+        self.d_in = self.d_norm + extra_width
+        """Width of a row: the activations, then `extra_width` columns `read` adds (a target, a gradient)."""
         self.n_tokens = n_tokens or sequences.numel()
         self.seed = seed
         self.threshold = threshold
@@ -160,7 +164,8 @@ class ModelActivations:
         """(seen, excluded, non-finite) tokens of each model batch read, in order."""
         self._yielded = 0
         self.read = read or (lambda toks: read_sources(self.sources, toks))
-        """Activations [B, T, n_sources, d] of a batch of sequences (`SharedPass` shares one model pass)."""
+        """Rows [B, T, ...] of a batch of sequences: the sources' activations [n_sources, d] (`SharedPass` shares
+        one model pass), or with `extra_width` flat rows [d_in] (`_harvest_source`)."""
 
     def token_batches(self, part: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
         """Kept activations [m, d] per model batch (m varies with exclusions).
@@ -174,14 +179,14 @@ class ModelActivations:
         lo = len(starts) * i // n
         if self.threshold is None and lo > 0:
             first = self.read(self.sequences[: self.model_batch_size]).reshape(-1, self.d_in).float().cpu()
-            self.threshold = norm_threshold(first, self.factor)
+            self.threshold = norm_threshold(first[:, : self.d_norm], self.factor)
         for start in starts[lo : len(starts) * (i + 1) // n]:
             toks = self.sequences[start : start + self.model_batch_size]
             # Sources side by side: the outlier rule reads their joint norm.
             acts = self.read(toks).reshape(-1, self.d_in).float().cpu()
             if self.threshold is None:
-                self.threshold = norm_threshold(acts, self.factor)
-            keep = keep_mask(acts, self.threshold)
+                self.threshold = norm_threshold(acts[:, : self.d_norm], self.factor)
+            keep = keep_mask(acts[:, : self.d_norm], self.threshold) & acts.isfinite().all(dim=-1)
             counts = (len(acts), int((~keep).sum()), int((~acts.isfinite().all(dim=-1)).sum()))
             self.batch_counts.append(counts)
             self.n_seen += counts[0]
@@ -366,7 +371,9 @@ class ActivationCache:
             "exclude_norm_factor",
         )
         key = {f: getattr(cfg, f) for f in fields} | {"seed": seed, "format": CACHE_FORMAT}
-        return key | ({"cross_sources": cfg.cross_sources} if cfg.cross_sources else {})
+        # Fields added later enter the key only when set, so caches written before them stay usable.
+        extra = {f: getattr(cfg, f) for f in ("cross_sources", "hook_name_out", "gradients") if getattr(cfg, f)}
+        return key | extra
 
     @classmethod
     def open_or_harvest(
@@ -428,10 +435,12 @@ class ActivationCache:
             differ = sorted(
                 k for k, v in vars(cfg).items() if k not in ("hook_name", "cache_dir") and v != vars(first)[k]
             )
-            if differ or cfg.cross_sources:
+            paired = [f for f in ("cross_sources", "hook_name_out", "gradients") if getattr(cfg, f) or vars(first)[f]]
+            if differ or paired:
+                why = f"differ in {differ}" if differ else f"set {paired}, which one shared forward pass cannot serve"
                 raise DataError(
-                    f"one harvest serves hook points of one model on one corpus: the data configs of "
-                    f"{first.hook_name} and {cfg.hook_name} differ in {differ or ['cross_sources']}"
+                    "one harvest serves hook points of one model on one corpus: the data configs of "
+                    f"{first.hook_name} and {cfg.hook_name} {why}"
                 )
         for path in paths:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -464,8 +473,11 @@ class ActivationCache:
         return {
             "key": cls.key(cfg, seed),
             "n_tokens": cfg.n_tokens,
-            "d_in": src.d_in // len(src.sources),
+            "d_in": src.d_norm // len(src.sources),
             "n_sources": len(src.sources),
+            # Rows are [d_in * n_sources] activations, then a transcoder's target or a gsae's gradient.
+            "d_out": src.d_in - src.d_norm if cfg.hook_name_out else 0,
+            "gradients": cfg.gradients,
             "dtype": "float16",
             "shards": shards,
             "norm_threshold": src.threshold or 0.0,
@@ -528,7 +540,31 @@ def _harvest_sequences(model: LanguageModel, cfg: DataConfig, seed: int) -> Tens
 def _harvest_source(
     model: LanguageModel, cfg: DataConfig, seqs: Tensor, seed: int, shared: SharedPass | None = None
 ) -> ModelActivations:
-    """The live source a harvest writes from (reading through `shared` when several hooks share a pass)."""
+    """The live source a harvest writes from (reading through `shared` when several hooks share a pass).
+
+    A transcoder's rows are its input's activations then its target's; with `gradients`, the activations then
+    the LM loss's gradient there (`LanguageModel.activations_and_grads`), multiplied by one constant, set on the
+    first batch so that its mean norm is sqrt(d), which keeps the float16 cache clear of underflow.
+    """
+    read, extra = None, 0
+    if cfg.hook_name_out:
+        extra = model.hook_width(cfg.hook_name_out)
+
+        def read(toks: Tensor) -> Tensor:
+            acts = model.activations_at(toks, [cfg.hook_name, cfg.hook_name_out])
+            return torch.cat([acts[cfg.hook_name], acts[cfg.hook_name_out]], dim=-1)
+
+    elif cfg.gradients:
+        extra = model.hook_width(cfg.hook_name)
+        multiplier: list[float] = []
+
+        def read(toks: Tensor) -> Tensor:
+            acts, grads = model.activations_and_grads(toks, cfg.hook_name)
+            if not multiplier:
+                norms = grads.float().norm(dim=-1)
+                multiplier.append(extra**0.5 / max(float(norms[norms.isfinite()].mean()), 1e-30))
+            return torch.cat([acts, grads * multiplier[0]], dim=-1)
+
     return ModelActivations(
         model,
         cfg.hook_name,
@@ -539,7 +575,8 @@ def _harvest_source(
         n_tokens=cfg.n_tokens,
         seed=seed,
         extra_sources=load_cross_sources(model, cfg),
-        read=shared.reader(cfg.hook_name) if shared is not None else None,
+        read=shared.reader(cfg.hook_name) if shared is not None else read,
+        extra_width=extra,
     )
 
 

@@ -23,7 +23,8 @@ from typing import Any, get_type_hints
 from saelab.errors import ConfigError
 
 SPARSIFIER_NAMES = (
-    "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka", "topafa"
+    "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka", "topafa",
+    "gsae",
 )  # fmt: skip
 """The sparsifiers `saelab.sparsifiers` registers (it refuses to register any other name)."""
 
@@ -54,7 +55,8 @@ class SAEConfig:
     """How pre-activations become a sparse code: relu, topk, batchtopk, abstopk, mutualchoice, featurechoice,
     jumprelu (a learned threshold per latent and an L0 penalty), matryoshka (BatchTopK whose nested prefixes
     of latents each learn to reconstruct alone), topafa (each token keeps the fewest latents whose energy
-    reaches its input's: no k)."""
+    reaches its input's: no k), gsae (TopK whose training selection also weighs each latent by the LM loss's
+    gradient along its decoder direction; needs data.gradients)."""
 
     k: int = 32
     """Active latents per token (top-k family); the batch-level variants spend a budget of k * batch."""
@@ -77,6 +79,23 @@ class SAEConfig:
     afa_coeff: float = 1 / 32
     """topafa only: weight of the AFA loss, (||x|| - ||code||)^2 / d_in per token, which pulls the code's norm
     towards the input's (Lee et al. 2025)."""
+
+    gsae_beta: float = 1.0
+    """gsae only: weight of the gradient term in the training selection, which ranks latents by
+    a * (1 + beta * |g . d|), g the LM loss's gradient at the hook (normalised to mean norm sqrt(d_in)) and d
+    the latent's unit decoder direction."""
+
+    d_out: int = 0
+    """Width of what the SAE reconstructs: 0 = its own input (an SAE); > 0 = a transcoder's output at
+    `hook_name_out` (set by the trainer from data.hook_name_out)."""
+
+    hook_name_out: str = ""
+    """Transcoders: the hook point whose activations the transcoder predicts and where it is spliced in
+    (metadata, SAELens convention); '' = an SAE."""
+
+    skip_connection: bool = False
+    """Transcoders: add a learned linear map of the input, W_skip [d_in, d_out], to the output (a skip
+    transcoder, Paulo et al. 2025)."""
 
     matryoshka_widths: str = ""
     """matryoshka only: comma-separated widths of the latent groups, summing to d_sae; prefix j is groups
@@ -141,10 +160,23 @@ class SAEConfig:
             raise ConfigError("jumprelu_bandwidth must be > 0, and jumprelu_init_threshold and l0_target >= 0")
         if self.d_sae and self.k > self.d_sae and self.sparsifier not in K_FREE_SPARSIFIERS:
             raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
+        if self.skip_connection and not self.transcoder and self.d_in:
+            raise ConfigError("skip_connection needs a transcoder: set data.hook_name_out")
+        if self.transcoder and self.n_sources > 1:
+            raise ConfigError("a crosscoder cannot also be a transcoder: set data.cross_sources or data.hook_name_out")
+        if self.transcoder and self.sparsifier == "topafa":
+            raise ConfigError("topafa reads its input's energy at inference, which a transcoder's target is not")
+        if self.gsae_beta < 0:
+            raise ConfigError(f"gsae_beta must be >= 0, got {self.gsae_beta}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         if not 0.0 <= self.threshold_momentum < 1.0:
             raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether this reconstructs another hook point than it reads (`d_out` or `hook_name_out` set)."""
+        return bool(self.d_out or self.hook_name_out)
 
     def _check_matryoshka(self) -> None:
         try:
@@ -227,6 +259,14 @@ class DataConfig:
             specs.append((model or self.model, hook))
         return specs
 
+    hook_name_out: str = ""
+    """Train a transcoder: read `hook_name` and reconstruct this later hook point, e.g. blocks.6.ln2.hook_normalized
+    -> blocks.6.hook_mlp_out ('' = an SAE, which reconstructs its input)."""
+
+    gradients: bool = False
+    """Also harvest the LM loss's gradient at `hook_name` (one backward pass per batch), cached beside the
+    activations: what a gsae trains on."""
+
     cache_dir: str = ""
     """Directory of the on-disk activation cache ('' = <out_dir>/activations); reused when it matches."""
 
@@ -239,6 +279,11 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.exclude_norm_factor < 0:
             raise ConfigError(f"data.exclude_norm_factor must be >= 0, got {self.exclude_norm_factor}")
+        if self.hook_name_out and (self.cross_sources or self.gradients or self.hook_name_out == self.hook_name):
+            raise ConfigError(
+                "data.hook_name_out (a transcoder) must differ from data.hook_name and excludes cross_sources and "
+                "gradients"
+            )
         specs = self.source_specs()
         if any(not hook for _, hook in specs) or len(set(specs)) != len(specs):
             raise ConfigError(f"data.cross_sources must name distinct MODEL@HOOK or HOOK sources, got {specs}")
@@ -316,6 +361,12 @@ class TrainConfig:
             self.data = from_dict(DataConfig, self.data, prefix="data.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if (self.sae.sparsifier == "gsae") != self.data.gradients:
+            raise ConfigError("a gsae trains on the LM loss's gradients: set data.gradients = true with it (only)")
+        if self.sae.skip_connection and not self.data.hook_name_out:
+            raise ConfigError("sae.skip_connection needs a transcoder: set data.hook_name_out")
+        if self.data.hook_name_out and self.sae.sparsifier == "topafa":
+            raise ConfigError("topafa reads its input's energy at inference, which a transcoder's target is not")
         if self.latent_shards < 1 or self.dist_timeout_s <= 0:
             raise ConfigError("latent_shards must be >= 1 and dist_timeout_s > 0")
         if self.epochs <= 0:

@@ -136,14 +136,20 @@ class _ReconStats:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, acts: Tensor, batch_size: int = 4096) -> ReconMetrics:
-    """L0, MSE, FVU, dead/dense fractions and the density histogram on activations [N, d_in]."""
+def reconstruction_metrics(
+    sae: SAE, acts: Tensor, batch_size: int = 4096, targets: Tensor | None = None
+) -> ReconMetrics:
+    """L0, MSE, FVU, dead/dense fractions and the density histogram on activations [N, d_in] (a transcoder's
+    reconstruction is measured against `targets` [N, d_out], its output hook's activations)."""
     sae.eval()
+    if sae.cfg.transcoder and (targets is None or targets.shape != (len(acts), sae.d_out)):
+        raise DataError(f"a transcoder is measured against targets [{len(acts)}, {sae.d_out}]: pass targets=")
     keep = keep_mask(acts, sae.cfg.exclude_norm_above)
+    wanted = (targets if targets is not None else acts)[keep]
     stats = _ReconStats(sae.d_sae, acts.device)
-    for x in acts[keep].split(batch_size):
+    for x, y in zip(acts[keep].split(batch_size), wanted.split(batch_size), strict=True):
         a = sae.encode(x)
-        stats.update(x, sae.decode(a), a)
+        stats.update(y, sae.decode(a) + sae.skip(x), a)
     return stats.metrics()
 
 
@@ -154,11 +160,16 @@ def spliced_metrics(
     """Reconstruction metrics and CE / KL with the SAE spliced into the model over `sequences` [n, T].
 
     `all_tokens=True` also splices the SAE in at massive-norm outliers (reported as ce_loss_all_tokens).
+    A transcoder reads its input hook and is spliced in at its output hook (`cfg.hook_name_out`): its
+    prediction replaces that hook's activations, and the zero ablation zeroes them.
     """
     hook = sae.cfg.hook_name
     width = model.hook_width(hook)
     if width != sae.d_in:
         raise DataError(f"SAE d_in = {sae.d_in} does not match hook {hook!r} of {model.name} (width {width})")
+    if sae.cfg.transcoder and model.hook_width(sae.cfg.hook_name_out) != sae.d_out:
+        out = sae.cfg.hook_name_out
+        raise DataError(f"transcoder d_out = {sae.d_out} does not match hook {out!r} of {model.name}")
     (out,) = _splice_each_source(sae, [(model, hook)], sequences, batch_size, all_tokens, "eval (SAE spliced in)")
     return out
 
@@ -198,22 +209,25 @@ def _splice_each_source(
     """
     sae.eval()
     S, device = len(sources), next(sae.parameters()).device
-    stats = [_ReconStats(sae.d_sae, device, sae.d_in // S) for _ in sources]
+    out_hook = sae.cfg.hook_name_out  # a transcoder (one source) writes there
+    stats = [_ReconStats(sae.d_sae, device, sae.d_out // S) for _ in sources]
     losses = [NextTokenLoss() for _ in sources]
     n_tok = n_outliers = 0
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch"):
         toks = sequences[start : start + batch_size]
-        grabbed: list[list[Tensor]] = [[] for _ in sources]
+        grabbed: list[dict[str, Tensor]] = [{} for _ in sources]
         clean = [
-            model.run_with_hooks(toks, [(hook, lambda act, hook, g=g: g.append(act.detach()))])
+            model.run_with_hooks(toks, [(h, _grab(g, h)) for h in (hook, out_hook) if h])
             for (model, hook), g in zip(sources, grabbed, strict=True)
         ]
-        x = torch.cat([g[0].reshape(toks.numel(), -1) for g in grabbed], dim=1).to(device, torch.float32)
+        x = torch.cat([g[h].reshape(toks.numel(), -1) for g, (_, h) in zip(grabbed, sources, strict=True)], dim=1)
+        x = x.to(device, torch.float32)
         keep = keep_mask(x, sae.cfg.exclude_norm_above)
         codes = sae.encode(x)
-        recon = sae.decode(codes).reshape(len(x), S, -1)
-        per_source = x.view(len(x), S, -1)
+        recon = (sae.decode(codes) + sae.skip(x)).reshape(len(x), S, -1)
+        per_source = (grabbed[0][out_hook].reshape(len(x), -1).to(x) if out_hook else x).view(len(x), S, -1)
         for s, (model, hook) in enumerate(sources):
+            hook = out_hook or hook
             stats[s].update(per_source[keep, s], recon[keep, s], codes[keep])
             runs = {"sae": _put(recon[:, s], keep), "zero": _put(torch.zeros_like(recon[:, s]), keep)}
             if all_tokens:
@@ -242,6 +256,15 @@ def _splice_each_source(
             )
         )
     return results
+
+
+def _grab(into: dict[str, Tensor], name: str) -> HookFn:
+    """Hook fn keeping the activations it sees under `name`, unchanged (it returns nothing)."""
+
+    def fn(act: Tensor, hook: Any) -> None:
+        into[name] = act.detach()
+
+    return fn
 
 
 def _put(new: Tensor, keep: Tensor) -> HookFn:

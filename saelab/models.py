@@ -243,6 +243,39 @@ class LanguageModel(TextTokenizer):
             raise DataError(f"hook(s) {missing} did not fire during the forward pass")
         return store
 
+    def activations_and_grads(self, tokens: Tensor, hook_name: str, chunk: int = 4) -> tuple[Tensor, Tensor]:
+        """Activations at `hook_name` [B, T, d] and the gradient there [B, T, d] of the LM loss, summed over every
+        next-token prediction of the sequence (so each position's gradient weighs all later predictions). One
+        forward and backward pass per `chunk` sequences; the model's weights get no gradients."""
+        self.check_hook(hook_name)
+        acts, grads = [], []
+        params = [p for p in self.tl.parameters() if p.requires_grad]
+        try:
+            for p in params:  # only the hook's activations need a backward pass
+                p.requires_grad_(False)
+            for part in tokens.split(chunk):
+                seen: list[Tensor] = []
+
+                def leaf(act: Tensor, hook: Any, seen: list[Tensor] = seen) -> Tensor:
+                    seen.append(act.detach().requires_grad_(True))
+                    return seen[-1]
+
+                with torch.enable_grad():
+                    logits = self.run_with_hooks(part, [(hook_name, leaf)])
+                    if not seen:
+                        raise DataError(f"hook {hook_name!r} did not fire during the forward pass")
+                    targets = part[:, 1:].to(logits.device)
+                    loss = torch.nn.functional.cross_entropy(
+                        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum"
+                    )
+                    (grad,) = torch.autograd.grad(loss, seen[0])
+                acts.append(seen[0].detach())
+                grads.append(grad)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        return torch.cat(acts), torch.cat(grads)
+
     def hook_width(self, hook_name: str) -> int:
         """Last-dimension size of the activations at `hook_name` (found with a one-token pass)."""
         if hook_name not in self._widths:

@@ -48,6 +48,7 @@ SAELENS_ARCHITECTURES = {
     "matryoshka": "jumprelu",
     "featurechoice": "jumprelu",
     "jumprelu": "jumprelu",
+    "gsae": "topk",
 }
 """saelab sparsifiers with an exact SAELens 6 counterpart, and its name."""
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -120,18 +121,31 @@ class SAE(nn.Module):
                 f"n_sources = {cfg.n_sources} describes a crosscoder: use saelab.sae.CrossCoder "
                 "(SAE.load picks it for a saved one)"
             )
+        if cfg.transcoder and cfg.d_out <= 0:
+            raise ConfigError("a transcoder needs d_out > 0, the width of its output hook")
+        if cfg.skip_connection and not cfg.transcoder:
+            raise ConfigError("skip_connection needs a transcoder (d_out and hook_name_out)")
         self.cfg = cfg
         self.sparsifier = make_sparsifier(cfg)
         width = cfg.n_sources * cfg.d_in
-        W_dec = torch.randn(cfg.d_sae, width)
+        width_out = cfg.d_out or width
+        W_dec = torch.randn(cfg.d_sae, width_out)
         # Unit rows for the top-k family; small rows for relu so early L1 does not dominate.
         W_dec *= (1.0 if self.sparsifier.unit_norm_decoder else 0.1) / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())
+        # An SAE's encoder starts as its decoder's transpose; a transcoder's input space differs from its output's.
+        W_enc = W_dec.t().clone() if not cfg.transcoder else torch.randn(width, cfg.d_sae)
+        if cfg.transcoder:
+            W_enc *= W_dec.norm(dim=1) / W_enc.norm(dim=0)
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(width_out))
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(width, width_out))
         # One scale for an SAE; one per input dimension for a crosscoder (set per source).
         self.register_buffer("act_scale", torch.ones(()) if cfg.n_sources == 1 else torch.ones(width))
+        if cfg.transcoder:  # the output hook's own scale
+            self.register_buffer("out_scale", torch.ones(()))
 
     @property
     def d_in(self) -> int:
@@ -142,6 +156,41 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         """Number of latents."""
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """Width of the output: the input's for an SAE, the output hook's for a transcoder."""
+        return self.cfg.d_out or self.d_in
+
+    @property
+    def recon_scale(self) -> Tensor:
+        """Scale of the output's normalised units (the input's `act_scale` for an SAE)."""
+        return self.out_scale if self.cfg.transcoder else self.act_scale
+
+    def _b_pre(self) -> Tensor:
+        """What the encoder subtracts from normalised inputs: b_dec for an SAE, nothing for a transcoder,
+        whose b_dec lives in its output space."""
+        return self.b_dec if not self.cfg.transcoder else self.b_dec.new_zeros(self.d_in)
+
+    def _flat_target(self, target: Tensor | None) -> Tensor:
+        """A transcoder's targets [..., d_out] flattened and normalised."""
+        if target is None or target.shape[-1] != self.d_out:
+            got = "none" if target is None else f"shape {tuple(target.shape)}"
+            raise DataError(
+                f"a transcoder trains on (input, target) pairs: pass target= of width d_out = {self.d_out} "
+                f"(hook {self.cfg.hook_name_out or '?'}), got {got}"
+            )
+        return target.reshape(-1, self.d_out).to(self.W_dec.dtype) * self.out_scale
+
+    def split_rows(self, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """A batch of activation-cache rows as (inputs, `forward` keyword arguments): a transcoder's rows hold
+        its input then its target, a gsae's its input then the LM loss's gradient there."""
+        extra = {"gsae": "grad"}.get(self.cfg.sparsifier, "target" if self.cfg.transcoder else "")
+        width = self.d_in + (self.d_out if extra == "target" else self.d_in if extra else 0)
+        if rows.shape[-1] != width:
+            what = {"": "its input", "grad": "its input and its gradient", "target": "its input and its target"}
+            raise DataError(f"rows of width {rows.shape[-1]} for an SAE that reads {what[extra]} (width {width})")
+        return rows[..., : self.d_in], ({extra: rows[..., self.d_in :]} if extra else {})
 
     def _flat(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_in:
@@ -161,7 +210,7 @@ class SAE(nn.Module):
         return min(self.cfg.auxk_k or self.d_in // 2, self.d_sae)
 
     def _pre(self, xs: Tensor) -> Tensor:
-        return torch.addmm(self.b_enc, xs - self.b_dec, self.W_enc)
+        return torch.addmm(self.b_enc, xs - self._b_pre(), self.W_enc)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations [N, d_sae] of inputs [..., d_in] (flattened)."""
@@ -178,7 +227,8 @@ class SAE(nn.Module):
     def _select(self, xs: Tensor, impl: Any, aux_scales: tuple[Tensor, ...] = (), k: int = 0) -> ops.Selection:
         """Fused encoder + per-token top-k (k defaults to the sparsifier's) on normalised inputs."""
         sp = self.sparsifier
-        return impl.encode_select(xs, self.W_enc, self.b_enc, self.b_dec, k or sp.k, sp.signed, aux_scales, self.k_aux)
+        b_pre = self._b_pre()
+        return impl.encode_select(xs, self.W_enc, self.b_enc, b_pre, k or sp.k, sp.signed, aux_scales, self.k_aux)
 
     def encode_code(self, x: Tensor) -> Code:
         """Sparse code of inputs [..., d_in] as a `Code` (the sparsifier's native form)."""
@@ -218,16 +268,34 @@ class SAE(nn.Module):
         return impl.decode_sparse(code.values, code.indices, self.W_dec) + self.b_dec
 
     def decode(self, acts: Tensor | SparseCode) -> Tensor:
-        """Reconstruction in the model's units from dense acts [..., d_sae] or a `SparseCode`."""
+        """Reconstruction in the model's units from dense acts [..., d_sae] or a `SparseCode` (a skip
+        transcoder's output adds `skip` of its input)."""
         if isinstance(acts, SparseCode):
-            return self._decode_normalised(Code(acts.values, acts.indices)) / self.act_scale
+            return self._decode_normalised(Code(acts.values, acts.indices)) / self.recon_scale
         if acts.shape[-1] != self.d_sae:
             raise DataError(f"decode expects [..., d_sae = {self.d_sae}] activations, got {tuple(acts.shape)}")
         flat = acts.reshape(-1, self.d_sae).to(self.W_dec.dtype)
-        return (self._decode_normalised(Code(flat, None)) / self.act_scale).reshape(*acts.shape[:-1], self.d_in)
+        return (self._decode_normalised(Code(flat, None)) / self.recon_scale).reshape(*acts.shape[:-1], self.d_out)
+
+    def skip(self, x: Tensor) -> Tensor | float:
+        """A skip transcoder's linear part of the output for inputs x [..., d_in], in the model's units
+        [..., d_out]; 0 without a skip connection."""
+        if not self.cfg.skip_connection:
+            return 0.0
+        return (self._flat(x) @ self.W_skip / self.recon_scale).reshape(*x.shape[:-1], self.d_out)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The output for inputs x [..., d_in]: `decode(encode(x))`, plus `skip(x)` for a skip transcoder."""
+        return self.decode(self.encode(x)) + self.skip(x)
 
     def forward(
-        self, x: Tensor, dead_mask: Tensor | None = None, l1_scale: float = 1.0, replicas: Any = None
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        l1_scale: float = 1.0,
+        replicas: Any = None,
+        target: Tensor | None = None,
+        grad: Tensor | None = None,
     ) -> SAEOutput:
         """Encode, decode and compute losses.
 
@@ -235,13 +303,25 @@ class SAE(nn.Module):
         L1 coefficient (the trainer ramps it up). A plain loop `sae(x).loss.backward()` trains the SAE.
         `replicas`: the process group of data-parallel replicas, each holding a part of the batch in `x`;
         the variance-normalised terms (AuxK, FVU) are then normalised by the whole batch's variance.
+        A transcoder reconstructs `target` [..., d_out] (the output hook's activations on the same tokens);
+        a gsae in training selects with `grad` [..., d_in], the LM loss's gradient at its input.
         """
         xs = self._flat(x)
         sp, cfg = self.sparsifier, self.cfg
+        ys = self._flat_target(target) if cfg.transcoder else None
         impl = self._impl(xs.device)
         aux_scales = self.aux_scales(dead_mask)
         code = pre = None
-        if sp.per_token:
+        if (grad is not None) != (self.training and cfg.sparsifier == "gsae"):
+            raise DataError(
+                "a gsae trains on the LM loss's gradients (grad=, from a harvest with data.gradients = true); "
+                "no other SAE, and no SAE in eval mode, reads them"
+            )
+        if grad is not None:
+            pre = self._pre(xs)
+            code = sp.select_with_grad(pre, self._grad_along(grad, replicas))
+            aux_codes = [ops.select_scaled(pre, s, self.k_aux, sp.signed) for s in aux_scales.values()]
+        elif sp.per_token:
             sel = self._select(xs, impl, tuple(aux_scales.values()))
             code, aux_codes = Code(sel.values, sel.indices), sel.aux
         elif self.training and sp.global_budget and impl is not ops:  # candidates pay off only with kernels
@@ -252,7 +332,15 @@ class SAE(nn.Module):
             pre = self._pre(xs)
             code = self._sparsify(pre, xs)
             aux_codes = [ops.select_scaled(pre, s, self.k_aux, sp.signed) for s in aux_scales.values()]
-        return self.output(x, xs, code, pre, aux_scales, aux_codes, impl, l1_scale, replicas=replicas)
+        return self.output(x, xs, code, pre, aux_scales, aux_codes, impl, l1_scale, replicas=replicas, ys=ys)
+
+    def _grad_along(self, grad: Tensor, replicas: Any) -> Tensor:
+        """The gradient's component along each decoder direction [N, d_sae], the gradient scaled so that its
+        mean norm over the (whole) batch is sqrt(d_in)."""
+        g = grad.reshape(-1, self.d_in).to(self.W_dec.dtype)
+        sums = collectives.all_reduce(torch.stack([g.norm(dim=1).sum(), g.new_tensor(float(len(g)))]), replicas)
+        scale = math.sqrt(self.d_in) / (sums[0] / sums[1]).clamp_min(1e-30)
+        return (g * scale) @ self.W_dec.detach().T
 
     def aux_scales(self, dead_mask: Tensor | None, shards: Any = None) -> dict[str, Tensor]:
         """Per-latent scales of the training-time auxiliary selections, from the statistics before this batch:
@@ -284,6 +372,7 @@ class SAE(nn.Module):
         l1_scale: float,
         shards: Any = None,
         replicas: Any = None,
+        ys: Tensor | None = None,
     ) -> SAEOutput:
         """Decode a batch's code and assemble every loss term: the rest of `forward` once the code of inputs
         x (normalised: xs) is selected, with pre-activations `pre` where the path has them and one auxiliary
@@ -291,16 +380,18 @@ class SAE(nn.Module):
 
         `shards`: the process group of this SAE's other latent shards (`saelab.sharding`): reconstructions
         and penalties are summed over it, and each shard gets the gradient of its own part. `replicas`: as in
-        `forward`.
+        `forward`. `ys`: a transcoder's normalised targets (an SAE's are its inputs).
         """
         sp, cfg = self.sparsifier, self.cfg
+        target = xs if ys is None else ys
 
         def decode(values: Tensor, indices: Tensor | None, W: Tensor) -> Tensor:
             partial = values @ W if indices is None else impl.decode_sparse(values, indices, W)
             return collectives.reduce_from_group(partial, shards)
 
-        recon = decode(code.values, code.indices, self.W_dec) + self.b_dec
-        mse = losses.mse(xs, recon)
+        base = self.b_dec + (xs @ self.W_skip if cfg.skip_connection else 0.0)
+        recon = decode(code.values, code.indices, self.W_dec) + base
+        mse = losses.mse(target, recon)
         loss = mse
         aux: dict[str, Tensor] = {}
         if sp.reads_energy:  # topafa: the code's norm should match the input's
@@ -308,7 +399,7 @@ class SAE(nn.Module):
             aux["afa"] = (norms - code.values.norm(dim=-1)).pow(2).mean() / self.d_in
             loss = loss + cfg.afa_coeff * aux["afa"]
         if hasattr(sp, "prefix_weights"):  # matryoshka: each prefix of latents reconstructs alone
-            aux["prefixes"] = self.prefix_loss(xs, code, impl)
+            aux["prefixes"] = self.prefix_loss(target, code, impl, base)
             loss = aux["prefixes"]
         # Penalties have the whole SAE's value and give each shard (and replica) the gradient of its own part.
         if not sp.unit_norm_decoder:
@@ -321,26 +412,27 @@ class SAE(nn.Module):
             loss = loss + cfg.l0_coeff * l1_scale * aux["sparsity"]
         parts = collectives.size(replicas)
         if aux_scales:
-            resid = (xs - recon).detach()
+            resid = (target - recon).detach()
             spread = collectives.spread(resid, replicas)
             for name, (vals, idx) in zip(aux_scales, aux_codes, strict=True):
                 aux[name] = losses.residual_fit_loss(resid, vals, idx, self.W_dec, decode, spread, parts)
                 loss = loss + (cfg.auxk_coeff if name == "auxk" else cfg.zipf_coeff) * aux[name]
         l0_code = collectives.all_reduce((code.values != 0).sum(-1).float().mean().detach().reshape(1), shards)[0]
         return SAEOutput(
-            recon=(recon / self.act_scale).reshape(x.shape),
+            recon=(recon / self.recon_scale).reshape(x.shape if ys is None else (*x.shape[:-1], self.d_out)),
             code=code,
             loss=loss,
             mse=mse.detach(),
-            fvu=losses.fvu(xs, recon, collectives.spread(xs, replicas), parts).detach(),
+            fvu=losses.fvu(target, recon, collectives.spread(target, replicas), parts).detach(),
             l0=l0_code,
             aux={k: v.detach() for k, v in aux.items()},
         )
 
-    def prefix_loss(self, xs: Tensor, code: Code, impl: Any = ops) -> Tensor:
+    def prefix_loss(self, xs: Tensor, code: Code, impl: Any = ops, base: Tensor | None = None) -> Tensor:
         """Matryoshka's reconstruction loss: the weighted mean over prefixes (latent groups 1..j) of the MSE of
-        normalised inputs xs [N, d_in] reconstructed from that prefix's part of `code` alone."""
-        recon, loss = self.b_dec.expand_as(xs), xs.new_zeros(())
+        normalised targets xs [N, d_out] reconstructed from that prefix's part of `code` alone (added to
+        `base`, b_dec unless given: a skip transcoder's includes its skip connection)."""
+        recon, loss = (self.b_dec if base is None else base).expand_as(xs), xs.new_zeros(())
         for (lo, hi), weight in zip(self.sparsifier.groups, self.sparsifier.prefix_weights, strict=True):
             if code.indices is None:
                 part = code.values[:, lo:hi] @ self.W_dec[lo:hi]
@@ -352,25 +444,33 @@ class SAE(nn.Module):
         return loss
 
     def decoder_directions(self) -> Tensor:
-        """Decoder rows in the model's units [d_sae, d_in]: activation a of latent f adds a * row f."""
-        return self.W_dec.detach() / self.act_scale
+        """Decoder rows in the model's units [d_sae, d_out]: activation a of latent f adds a * row f (at the
+        output hook, for a transcoder)."""
+        return self.W_dec.detach() / self.recon_scale
 
     def decoder_norms(self) -> Tensor:
         """Per-latent decoder norm [d_sae] that weights the L1 penalty."""
         return self.W_dec.norm(dim=1)
 
     @torch.no_grad()
-    def initialise(self, x: Tensor, median_samples: int) -> None:
-        """Set the input scale and b_dec (geometric median) from a sample.
+    def initialise(self, x: Tensor, median_samples: int, target: Tensor | None = None) -> None:
+        """Set the input scale and b_dec (geometric median) from a sample (and a transcoder's `target`).
 
-        Each source (one for an SAE) is scaled so its mean norm is sqrt(cfg.d_in).
+        Each source (one for an SAE) is scaled so its mean norm is sqrt(cfg.d_in); a transcoder's output
+        so its mean norm is sqrt(d_out), and b_dec starts at its targets' median.
         """
         raw = self._flat(x.float()) / self.act_scale  # _flat applies the current scale
         S, d = self.cfg.n_sources, self.cfg.d_in
         scale = math.sqrt(d) / raw.view(len(raw), S, d).norm(dim=2).mean(0).clamp_min(1e-8)  # [S]
         self.act_scale.copy_(scale.repeat_interleave(d) if self.act_scale.ndim else scale[0])
+        if self.cfg.transcoder:
+            out = self._flat_target(target.float() if target is not None else None) / self.out_scale
+            self.out_scale.copy_(math.sqrt(self.d_out) / out.norm(dim=1).mean().clamp_min(1e-8))
+            centre = out * self.out_scale
+        else:
+            centre = raw * self.act_scale
         if median_samples:
-            self.b_dec.copy_(geometric_median(raw[:median_samples] * self.act_scale))
+            self.b_dec.copy_(geometric_median(centre[:median_samples]))
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:
@@ -407,7 +507,8 @@ class SAE(nn.Module):
 
     def _saelens_architecture(self) -> str | None:
         """The SAELens architecture this SAE is exactly (None: a crosscoder, or no counterpart)."""
-        return SAELENS_ARCHITECTURES.get(self.cfg.sparsifier) if self.cfg.n_sources == 1 else None
+        plain = self.cfg.n_sources == 1 and not self.cfg.transcoder
+        return SAELENS_ARCHITECTURES.get(self.cfg.sparsifier) if plain else None
 
     def saelens_layout(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """This SAE as SAELens 6 saves its SAEs: the tensors, and the cfg.json entries SAELens reads.
@@ -418,7 +519,9 @@ class SAE(nn.Module):
         """
         arch = self._saelens_architecture()
         if arch is None:
-            what = "a crosscoder" if self.cfg.n_sources > 1 else f"a {self.cfg.sparsifier} SAE"
+            what = f"a {self.cfg.sparsifier} SAE"
+            what = "a transcoder" if self.cfg.transcoder else what
+            what = "a crosscoder" if self.cfg.n_sources > 1 else what
             raise CheckpointError(f"{what} has no SAELens equivalent (its inference rule or its sources differ)")
         s = float(self.act_scale)
         with torch.no_grad():

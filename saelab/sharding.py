@@ -94,6 +94,9 @@ def shard_config(cfg: SAEConfig, groups: Groups) -> SAEConfig:
                "matryoshka": "reconstructs from each prefix of latents, which spans the shards",
                "topafa": "ranks each token's activations over every latent"}  # fmt: skip
         raise ConfigError(f"{cfg.sparsifier} {why[cfg.sparsifier]}; train it data-parallel (latent_shards = 1)")
+    if groups.n_shards > 1 and (cfg.transcoder or cfg.sparsifier == "gsae"):
+        what = "a transcoder" if cfg.transcoder else "a gsae"
+        raise ConfigError(f"latent shards do not split {what} yet; train it data-parallel (latent_shards = 1)")
     lo, hi = latent_range(cfg.d_sae, groups.shard, groups.n_shards)
     return dataclasses.replace(cfg, d_sae=hi - lo, k=min(cfg.k, hi - lo))
 

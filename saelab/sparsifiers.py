@@ -13,6 +13,8 @@ Batch-level variants select over the whole training batch, then need a per-token
 | mutualchoice  | global top k*N of relu(pre) (same code)    | global top k*N over the given batch | AuxK + aux_zipf |
 | featurechoice | each latent's top m = k*N/d_sae tokens     | relu(pre) >= learned threshold      | AuxK            |
 
+gsae is per-token TopK whose training selection also reads the LM loss's gradient (`GradTopK`).
+
 BatchTopK (Bussmann et al. 2024) and Mutual Choice (Ayonrinde 2024) are the same allocation in
 training; they differ in what they promise at inference. BatchTopK turns the batch budget into a
 JumpReLU-like threshold so a token's code no longer depends on its batch-mates. Mutual Choice keeps
@@ -177,6 +179,27 @@ class TopK(Sparsifier):
     def forward(self, pre: Tensor) -> Code:
         vals, idx = topk_per_row(pre, self.k)
         return Code(vals.relu(), idx)
+
+
+@register
+class GradTopK(TopK):
+    """g-SAE (Olmo et al. 2024): in training, each token keeps the k latents of largest a * (1 + beta |g . d|),
+    where a = relu(pre), g is the LM loss's gradient at the hook and d the latent's unit decoder direction,
+    so latents that matter to the loss win over larger ones that do not. The kept values are plain
+    activations. Without a gradient (inference: evals, analysis, steering) it is TopK.
+    """
+
+    name = "gsae"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.beta = cfg.gsae_beta
+
+    def select_with_grad(self, pre: Tensor, grad_along: Tensor) -> Code:
+        """Training selection from pre-activations and the gradient's projection on each decoder row [N, d_sae]."""
+        acts = pre.relu()
+        idx = topk_per_row((acts * (1 + self.beta * grad_along.abs())).detach(), self.k)[1]
+        return Code(acts.gather(1, idx), idx)
 
 
 @register

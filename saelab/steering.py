@@ -67,8 +67,10 @@ def _amounts(values: Amounts, n: int, what: str) -> list[float]:
     return vals
 
 
-def _hook_of(sae: SAE, hook_name: str | None) -> str:
-    trained = sae.cfg.hook_name
+def _hook_of(sae: SAE, hook_name: str | None, writes: bool = False) -> str:
+    """The hook an SAE intervention acts on: where the SAE reads, or (`writes`) where its latents write,
+    which for a transcoder is its output hook."""
+    trained = sae.cfg.hook_name_out if writes and sae.cfg.transcoder else sae.cfg.hook_name
     if hook_name and trained and hook_name != trained:
         raise DataError(f"this SAE was trained on {trained!r}; it has no meaning at hook {hook_name!r}")
     hook = hook_name or trained
@@ -107,8 +109,11 @@ def _directions(sae: SAE, ids: list[int], source: int | None) -> Tensor:
 
 
 def _sae_width(iv: Any) -> int:
-    """Width of the hook an SAE intervention acts on: the SAE's input, or one crosscoder source's."""
-    return iv.sae.cfg.d_in if getattr(iv, "source", None) is not None else iv.sae.d_in
+    """Width of the hook an SAE intervention acts on: the SAE's input (its output for `Add`, which differs
+    for a transcoder), or one crosscoder source's."""
+    if getattr(iv, "source", None) is not None:
+        return iv.sae.cfg.d_in
+    return iv.sae.d_out if isinstance(iv, Add) else iv.sae.d_in
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class Add:
             if not self.hook_name:
                 raise DataError("steering one crosscoder source needs that source's hook_name")
             return self.hook_name
-        return _hook_of(self.sae, self.hook_name)
+        return _hook_of(self.sae, self.hook_name, writes=True)
 
     def delta(self) -> Tensor:
         """The vector [d_in] added at every ordinary token."""
@@ -143,7 +148,8 @@ class Add:
 
     def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
         """Validate once and return the function applied at every forward pass."""
-        delta, threshold = self.delta(), self.sae.cfg.exclude_norm_above
+        # The outlier rule reads the SAE's input, which a transcoder's output hook is not: it adds at every token.
+        delta, threshold = self.delta(), 0.0 if self.sae.cfg.transcoder else self.sae.cfg.exclude_norm_above
 
         def fn(act: Tensor) -> Tensor:
             return act + keep_mask(act, threshold)[..., None] * delta.to(act.dtype)
@@ -169,6 +175,11 @@ class Clamp:
 
     def hook(self) -> str:
         """Hook point this intervention acts on."""
+        if self.sae.cfg.transcoder:
+            raise DataError(
+                "clamping or ablating a transcoder's latents needs its input and output hooks in one pass, which "
+                "saelab does not do yet; steer it with Add (at its output hook)"
+            )
         return _hook_of(self.sae, self.hook_name)
 
     def targets(self) -> tuple[list[int], Tensor]:

@@ -120,17 +120,20 @@ class Trainer:
         return 1.0 if ramp < 1 else min(1.0, (step + 1) / ramp)
 
     @torch.no_grad()
-    def initialise(self, x: Tensor) -> None:
-        """Set the input scale (mean norm -> sqrt(d_in)) and b_dec (geometric median) from a sample."""
-        self.sae.initialise(x.to(self.device), self.cfg.geometric_median_samples)
+    def initialise(self, rows: Tensor) -> None:
+        """Set the input scale (mean norm -> sqrt(d_in)) and b_dec (geometric median) from a sample of rows."""
+        x, extra = self.sae.split_rows(rows.to(self.device))
+        self.sae.initialise(x, self.cfg.geometric_median_samples, target=extra.get("target"))
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for `dead_after_tokens` training tokens."""
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
-    def train_step(self, x: Tensor) -> dict[str, float]:
-        """One optimiser step on a batch; returns its metrics."""
+    def train_step(self, rows: Tensor) -> dict[str, float]:
+        """One optimiser step on a batch of rows (`SAE.split_rows`: inputs, or inputs and targets or
+        gradients); returns its metrics."""
         sae = self.sae
+        x, extra = sae.split_rows(rows)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         dead, l1_scale = self.dead_mask(), self.l1_scale_at(self.step)
@@ -138,7 +141,7 @@ class Trainer:
             if self.sharded_forward:
                 out = sharding.forward(sae, x, self.sae_cfg, self.groups, dead, l1_scale)
             else:
-                out = sae(x, dead_mask=dead, l1_scale=l1_scale, replicas=self.groups.replicas)
+                out = sae(x, dead_mask=dead, l1_scale=l1_scale, replicas=self.groups.replicas, **extra)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self._average_gradients()
@@ -158,7 +161,7 @@ class Trainer:
         if not math.isfinite(metrics["loss"]):
             # NaN or infinite input always shows up here (the MSE reads every input value), at no cost
             # to ordinary steps; only then is the batch inspected to tell bad data from divergence.
-            bad = int((~torch.isfinite(x).all(dim=-1)).sum())
+            bad = int((~torch.isfinite(rows).all(dim=-1)).sum())
             cause = (
                 f"{bad} of {len(x)} activation rows of its batch hold NaN or infinite values (check the "
                 "activation source: saelab's harvest drops such tokens, arrays passed in are used as they are)"
@@ -444,8 +447,9 @@ def _model_loader(cfg: TrainConfig) -> Callable[[], Any]:
 def _fit_run(cfg: TrainConfig, cache: ActivationCache, get_model: Callable[[], Any], mesh: Mesh | None) -> Path:
     """Train the run's SAE from its activation cache, then save and evaluate it (rank 0)."""
     run = RunDir(cfg.out_dir)
+    output = {"d_out": int(cache.meta.get("d_out", 0)), "hook_name_out": cfg.data.hook_name_out}
     sae_cfg = dataclasses.replace(
-        cfg.sae.resolve(int(cache.meta["d_in"])),
+        dataclasses.replace(cfg.sae, **output).resolve(int(cache.meta["d_in"])),
         model_name=cfg.data.model,
         hook_name=cfg.data.hook_name,
         exclude_norm_above=cache.threshold,

@@ -149,6 +149,46 @@ def test_a_jumprelu_trains_evaluates_analyses_and_opens_in_saelens_layout(tiny_m
 
 
 @pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("gsae", ["--sae.sparsifier", "gsae", "--data.gradients", "true"]),
+        ("transcoder", ["--data.hook_name", "blocks.1.ln2.hook_normalized",
+                        "--data.hook_name_out", "blocks.1.hook_mlp_out"]),
+        ("skip", ["--data.hook_name", "blocks.1.ln2.hook_normalized", "--data.hook_name_out", "blocks.1.hook_mlp_out",
+                  "--sae.skip_connection", "true"]),
+    ],
+)  # fmt: skip
+def test_gsae_and_transcoders_train_evaluate_analyse_save_and_steer(
+    tiny_model_dir, corpus_dir, tmp_path, name, extra
+) -> None:
+    from saelab.activations import ActivationCache
+    from saelab.rundir import RunDir
+    from saelab.sae import SAE
+    from saelab.steering import Add, generate
+
+    out = tmp_path / name
+    done = saelab("train", *tiny_args(tiny_model_dir, corpus_dir, out), *extra)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = ActivationCache(out / "activations").meta
+    # The cache holds each token's activations, then its gradient (gsae) or its target (transcoders).
+    assert (meta["gradients"], meta["d_out"]) == ((True, 0) if name == "gsae" else (False, 32))
+    cfg = json.loads((out / "cfg.json").read_text())
+    # A gsae is TopK at inference, so SAELens's layout holds it; a transcoder keeps saelab's own.
+    assert cfg["saelab_format"] == (2 if name == "gsae" else 1) and cfg["skip_connection"] == (name == "skip")
+    sae = SAE.load(out)
+    assert sae.cfg.transcoder == (name != "gsae") and sae.cfg.sparsifier == ("gsae" if name == "gsae" else "topk")
+    result = json.loads(saelab("eval", str(out), "--json", "--tokens", "256").stdout)
+    assert result["l0"] == 4 and math.isfinite(result["ce_loss_sae"]) and math.isfinite(result["fvu"])
+    an = saelab("analyze", str(out), "--tokens", "256", "--store", str(tmp_path / "s.duckdb"), "--n_top", "3")
+    assert an.returncode == 0, an.stderr[-2000:]
+    sae, _, sources = RunDir(out).load()
+    model = sources[0][0]
+    plain = generate(model, "To be, or not", max_new_tokens=4)
+    steered = generate(model, "To be, or not", max_new_tokens=4, interventions=[Add(sae, [0, 1], 50.0)])
+    assert isinstance(steered, str) and steered != plain  # at the transcoder's output hook, where its latents write
+
+
+@pytest.mark.parametrize(
     ("sparsifier", "extra", "layout"),
     [("matryoshka", ["--sae.matryoshka_widths", "16,48"], "jumprelu"), ("topafa", [], "topafa")],
 )

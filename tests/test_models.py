@@ -75,3 +75,26 @@ def test_tl3_weights_are_stored_as_its_forward_reads_them(tiny_model) -> None:
         return sum(e.name == "aten::copy_" and tuple(sorted(e.input_shapes[0])) in shapes for e in prof.events())
 
     assert weight_copies(plain) > 0 and weight_copies(tiny_model.tl) == 0
+
+
+def test_activation_gradients_are_the_lm_losss(tiny_model) -> None:
+    torch.manual_seed(0)
+    toks = torch.randint(3, 300, (3, 12))
+    hook = "blocks.0.hook_resid_post"
+    acts, grads = tiny_model.activations_and_grads(toks, hook, chunk=2)
+    assert torch.allclose(acts, tiny_model.activations(toks, hook), atol=1e-5)
+    assert float(grads[:, -1].abs().max()) == 0.0  # the last position predicts nothing that is scored
+    assert all(p.requires_grad for p in tiny_model.tl.parameters())  # the weights are left as they were
+
+    def loss(step: float) -> float:
+        def shift(act: torch.Tensor, hook) -> torch.Tensor:
+            return act + step * grads.to(act)
+
+        with torch.no_grad():
+            logits = tiny_model.run_with_hooks(toks, [(hook, shift)]).double()
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten(), reduction="sum")
+        return float(ce)
+
+    eps = 1e-3 / float(grads.norm())
+    # The directional derivative along the gradient is its squared norm.
+    assert (loss(eps) - loss(-eps)) / (2 * eps) == pytest.approx(float(grads.norm() ** 2), rel=0.05)

@@ -17,7 +17,8 @@ def sparsifier(name: str, k: int, d_sae: int, **kw):
 
 def test_registry_has_every_variant() -> None:
     assert set(SPARSIFIERS) == {
-        "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka", "topafa"
+        "relu", "topk", "batchtopk", "abstopk", "mutualchoice", "featurechoice", "jumprelu", "matryoshka", "topafa",
+        "gsae",
     }  # fmt: skip
 
 
@@ -168,9 +169,10 @@ def test_every_variant_trains_in_a_plain_user_loop(name: str) -> None:
     sae = SAE(SAEConfig(d_in=8, d_sae=32, sparsifier=name, k=2))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(64, 8)
+    extra = {"grad": torch.randn(64, 8)} if name == "gsae" else {}  # what a gsae trains on besides x
     first = None
     for _ in range(30):
-        out = sae(x)
+        out = sae(x, **extra)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -214,3 +216,33 @@ def test_topafa_keeps_the_fewest_largest_latents_whose_energy_reaches_the_inputs
         sp(pre)
     sae = SAE(SAEConfig(d_in=2, d_sae=4, sparsifier="topafa"))
     assert sae.encode(torch.randn(5, 2)).shape == (5, 4)  # the SAE passes the energy, at inference too
+
+
+def test_gsae_selection_weighs_activations_by_the_gradient_along_each_decoder_row() -> None:
+    sp = sparsifier("gsae", k=1, d_sae=3, gsae_beta=2.0)
+    pre = torch.tensor([[3.0, 2.0, -1.0]])
+    # Scores a (1 + 2 |g.d|): 3 * 1 = 3, 2 * (1 + 2 * 0.5) = 4, 0: latent 1 wins, with its plain activation.
+    code = sp.select_with_grad(pre, torch.tensor([[0.0, -0.5, 9.0]]))
+    assert code.indices.tolist() == [[1]] and code.values.tolist() == [[2.0]]
+    # With beta 0, or a gradient that weighs every latent alike, it is TopK.
+    flat = sparsifier("gsae", k=1, d_sae=3, gsae_beta=0.0).select_with_grad(pre, torch.tensor([[0.0, -0.5, 9.0]]))
+    assert flat.indices.tolist() == [[0]] and flat.values.tolist() == [[3.0]]
+
+
+def test_gsae_reads_gradients_in_training_only_and_scales_them_per_batch() -> None:
+    from saelab.errors import DataError
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, sparsifier="gsae", k=2))
+    x, g = torch.randn(32, 8), torch.randn(32, 8)
+    with pytest.raises(DataError, match=r"data\.gradients"):
+        sae(x)  # training without gradients would silently be TopK
+    # Only the gradient's direction per token and its size relative to the batch matter.
+    a, b = sae(x, grad=g), sae(x, grad=g * 1e-6)
+    assert torch.equal(a.code.indices, b.code.indices)
+    sae.eval()
+    with pytest.raises(DataError, match="eval mode"):
+        sae(x, grad=g)
+    plain = SAE(SAEConfig(d_in=8, d_sae=16, sparsifier="topk", k=2))
+    plain.load_state_dict(sae.state_dict())
+    assert torch.equal(sae.encode(x), plain.eval().encode(x))  # at inference a gsae is TopK
