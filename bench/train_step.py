@@ -1,4 +1,5 @@
-"""Training-step throughput and peak memory of TopK SAEs: saelab (triton, torch), sparsify, SAELens.
+"""Training-step throughput and peak memory of TopK SAEs: saelab (triton, torch), sparsify, SAELens; and of
+every saelab variant (`--variants`).
 
 One full step = forward, backward, decoder-gradient projection, Adam, decoder renormalisation, on
 the same random activations for every implementation. Each (implementation, shape, batch) runs in
@@ -11,6 +12,11 @@ SAELens 6 needs transformer-lens<4.
     python bench/train_step.py --no-saelens
     python bench/train_step.py --shapes 2304,65536,64 --batches 16384
     python bench/train_step.py --profile saelab-triton 2304 65536 64 16384   # top kernels of one step
+    python bench/train_step.py --variants  # one row per sparsifier, transcoder and skip transcoder
+
+`--variants` times saelab's own step for each variant at one shape: the torch backend, and on a GPU also
+Triton for the per-token top-k variants (topk, abstopk). A gsae's batch carries the LM loss's gradient and
+a transcoder's its target (random here, as the activations are), so their rows are twice as wide.
 
 Roofline: the least time any step can take is one encoder GEMM at the device's peak matmul rate
 plus Adam's memory traffic (7 fp32 reads/writes per parameter) at its peak copy bandwidth; both
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -41,12 +48,20 @@ SAELENS_VENV = Path(os.environ.get("SAELENS_VENV", ROOT / "bench" / ".venv-saele
 
 
 # ----------------------------------------------------------------------------- workers
-def _saelab_step(d_in: int, d_sae: int, k: int, backend: str, device: str):
+TRANSCODERS = {"transcoder": False, "skip_transcoder": True}
+"""`--variants` rows that are transcoders (TopK), and whether each has a skip connection."""
+
+
+def _saelab_step(d_in: int, d_sae: int, k: int, backend: str, device: str, variant: str = "topk"):
     from saelab import SAE, SAEConfig, TrainConfig
     from saelab.activations import ArrayActivations
     from saelab.trainer import Trainer
 
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, sparsifier="topk", k=k, backend=backend))
+    shape = {}
+    if variant in TRANSCODERS:
+        shape = {"d_out": d_in, "hook_name_out": "out", "skip_connection": TRANSCODERS[variant]}
+    sparsifier = "topk" if variant in TRANSCODERS else variant
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, sparsifier=sparsifier, k=k, backend=backend, **shape))
     cfg = TrainConfig(device=device, lr=1e-4, warmup_steps=1, checkpoint_every=0, out_dir="/tmp/saelab-bench")
     trainer = Trainer(cfg, sae, ArrayActivations(torch.zeros(1, d_in)))
     return trainer.train_step
@@ -99,7 +114,12 @@ def _make_step(impl: str, d_in: int, d_sae: int, k: int, batch: int) -> tuple[Ca
     """(one training step of `impl`, its batch, the device)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    if impl.startswith("saelab-"):
+    width = d_in
+    if impl.startswith("variant:"):  # variant:<name>:<backend>
+        _, variant, backend = impl.split(":")
+        step = _saelab_step(d_in, d_sae, k, backend, device, variant)
+        width = 2 * d_in if variant == "gsae" or variant in TRANSCODERS else d_in
+    elif impl.startswith("saelab-"):
         step = _saelab_step(d_in, d_sae, k, impl.removeprefix("saelab-"), device)
     elif impl == "sparsify":
         step = _sparsify_step(d_in, d_sae, k, device)
@@ -107,7 +127,7 @@ def _make_step(impl: str, d_in: int, d_sae: int, k: int, batch: int) -> tuple[Ca
         step = _saelens_step(d_in, d_sae, k, device)
     else:
         raise ValueError(f"unknown implementation {impl!r}")
-    x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.randn(batch, width, generator=torch.Generator().manual_seed(1)).to(device)
     return step, x, device
 
 
@@ -230,6 +250,7 @@ def main() -> None:
     parser.add_argument("--part", default="", help="suffix for the results file of a partial grid (see --merge)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine partial runs (one device) into one table; rows keep their rooflines")  # fmt: skip
+    parser.add_argument("--variants", action="store_true", help="one row per saelab variant at one shape")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -251,6 +272,9 @@ def main() -> None:
         profile(impl, *map(int, nums))
         return
     gpu = torch.cuda.is_available() and not args.cpu
+    if args.variants:
+        variants(gpu, args.steps or (20 if gpu else 5), args.shapes, args.batches)
+        return
     shapes, batches = (GPU_SHAPES, GPU_BATCHES) if gpu else (CPU_SHAPES, CPU_BATCHES)
     if args.shapes:
         shapes = [tuple(map(int, s.split(","))) for s in args.shapes]
@@ -275,6 +299,40 @@ def main() -> None:
     print(table)
     kind = ("gpu" if gpu else "cpu") + (f"-{args.part}" if args.part else "")
     save_results("train_step", kind, table, {"device": device, "peaks": peaks, "rows": rows})
+
+
+def variants(gpu: bool, steps: int, shapes: list[str] | None, batches: list[int] | None) -> None:
+    """Time saelab's training step for every registered sparsifier and both transcoders at one shape and batch,
+    print the table (throughput relative to TopK on the torch backend) and save it."""
+    from saelab.config import SPARSIFIER_NAMES
+
+    d_in, d_sae, k = tuple(map(int, shapes[0].split(","))) if shapes else (GPU_SHAPES[1] if gpu else CPU_SHAPES[1])
+    batch = (batches or [GPU_BATCHES[-1] if gpu else CPU_BATCHES[-1]])[0]
+    if not gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    runs = [(name, "torch") for name in (*SPARSIFIER_NAMES, *TRANSCODERS)]
+    if gpu:
+        runs += [(name, "triton") for name in ("topk", "abstopk", "batchtopk")]
+    results = {}
+    for name, backend in runs:
+        results[(name, backend)] = run_one(sys.executable, f"variant:{name}:{backend}", (d_in, d_sae, k), batch, steps)
+        print(f"done {name} ({backend})", file=sys.stderr)
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
+    base = results[("topk", "torch")]
+    lines = [f"Device: {device}; d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}, {steps} timed steps each", "",
+             "| variant | backend | tok/s | peak MiB | / topk (torch) |", "|---|---|---|---|---|"]  # fmt: skip
+    for (name, backend), r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | {backend} | error: {r['error']} | | |")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if "error" not in base else math.nan
+        mib = r["peak_bytes"] / 2**20
+        lines.append(f"| {name} | {backend} | {r['tokens_per_s']:,.0f} | {mib:,.0f} | {ratio:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    rows = [{"variant": n, "backend": b, **r} for (n, b), r in results.items()]
+    save_results("train_step_variants", "gpu" if gpu else "cpu", table, {"device": device, "rows": rows,
+                 "shape": [d_in, d_sae, k], "batch": batch})  # fmt: skip
 
 
 def render(rows: list[dict], impls: list[str], device: str, peaks: dict) -> str:

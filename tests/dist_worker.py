@@ -32,8 +32,14 @@ class StopRunError(Exception):
 
 
 def data(spec: dict) -> torch.Tensor:
+    """Planted activations; a transcoder's rows add a target, a gsae's a stand-in gradient (`SAE.split_rows`)."""
     torch.manual_seed(spec.get("data_seed", 0))
-    return sparse_dictionary_data(spec.get("n", 4096), spec["sae"]["d_in"], 24, p_active=0.1)[0]
+    x = sparse_dictionary_data(spec.get("n", 4096), spec["sae"]["d_in"], 24, p_active=0.1)[0]
+    if spec["sae"].get("d_out"):
+        return torch.cat([x, torch.tanh(x.roll(1, dims=1))], dim=1)
+    if spec["sae"]["sparsifier"] == "gsae":
+        return torch.cat([x, torch.sin(3 * x)], dim=1)
+    return x
 
 
 def forward(spec: dict, mesh: distributed.Mesh) -> None:

@@ -155,3 +155,23 @@ def test_one_harvest_for_several_hooks_equals_a_harvest_each(tiny_model, tiny_mo
     with pytest.raises(DataError, match="differ in \\['context_size'\\]"):
         other = dataclasses.replace(cfgs[1], context_size=8)
         ActivationCache.harvest_many(tiny_model, [cfgs[0], other], [tmp_path / "x", tmp_path / "y"])
+
+
+def test_a_gradient_harvest_caches_each_tokens_lm_loss_gradient_beside_its_activation(
+    tiny_model, tiny_model_dir, corpus_dir, tmp_path
+) -> None:
+    from saelab.activations import _harvest_sequences
+
+    hook = "blocks.0.hook_resid_post"
+    cfg = DataConfig(model=str(tiny_model_dir), dataset=str(corpus_dir), hook_name=hook, context_size=16,
+                     n_tokens=256, model_batch_size=4, exclude_norm_factor=0, gradients=True)  # fmt: skip
+    cache = ActivationCache.harvest(tiny_model, cfg, tmp_path / "grad")
+    assert cache.meta["gradients"] and cache.meta["key"]["gradients"]
+    rows = cache.source().rows(np.arange(16))  # the first sequence, in order (nothing is excluded)
+    acts, grads = tiny_model.activations_and_grads(_harvest_sequences(tiny_model, cfg, 0)[:1], hook)
+    assert torch.allclose(rows[:, :32], acts[0], rtol=1e-2, atol=1e-2)
+    # One constant multiplies every gradient (for float16's range); it cancels in a gsae's per-batch scaling.
+    ratio = rows[:-1, 32:].norm() / grads[0, :-1].norm()
+    assert torch.allclose(rows[:-1, 32:], ratio * grads[0, :-1], rtol=2e-2, atol=2e-3 * float(ratio))
+    plain = ActivationCache.key(dataclasses.replace(cfg, gradients=False), 0)
+    assert "gradients" not in plain  # caches written before the field stay usable

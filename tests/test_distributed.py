@@ -133,7 +133,7 @@ def _run(tmp_path: Path, name: str, world: int, **changes) -> dict[str, torch.Te
     spec = json.loads(json.dumps(SPEC))
     spec["train"]["out_dir"] = str(tmp_path / name)
     for key, value in changes.items():
-        if key in ("sparsifier",):
+        if key in ("sparsifier", "d_out", "hook_name_out", "skip_connection"):
             spec["sae"][key] = value
         elif key in ("checkpoint_every",):
             spec["train"][key] = value
@@ -150,10 +150,16 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=2e-4, atol=2e-5, msg=key)
 
 
-@pytest.mark.parametrize("sparsifier", ["topk", "batchtopk"])
-def test_data_parallel_training_equals_one_process(tmp_path: Path, sparsifier: str) -> None:
-    one = _run(tmp_path, "one", 1, sparsifier=sparsifier)
-    two = _run(tmp_path, "two", 2, sparsifier=sparsifier)
+SKIP_TRANSCODER = {"d_out": 16, "hook_name_out": "out", "skip_connection": True}
+
+
+@pytest.mark.parametrize(
+    "sae", [{"sparsifier": "topk"}, {"sparsifier": "batchtopk"}, {"sparsifier": "gsae"}, SKIP_TRANSCODER],
+    ids=["topk", "batchtopk", "gsae", "skip_transcoder"],
+)  # fmt: skip
+def test_data_parallel_training_equals_one_process(tmp_path: Path, sae: dict) -> None:
+    one = _run(tmp_path, "one", 1, **sae)
+    two = _run(tmp_path, "two", 2, **sae)
     _close(one, two)
     metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     ranks = metrics[-1]["ranks"]
