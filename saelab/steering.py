@@ -10,6 +10,9 @@ points, compose in the order given.
 - `Clamp(sae, features, values)`: set the features' activations through the SAE while keeping its
   reconstruction error, so only those features change: x + (value - a_f) * W_dec[f] / act_scale.
 - `Ablate(sae, features)`: clamp to zero.
+
+A transcoder's latents write at its output hook (`cfg.hook_name_out`), so `Add` acts there; `Clamp` reads
+the latents from the input hook and changes the output hook's activations by (value - a_f) * W_dec[f].
 - `AddVector(hook_name, vector, strength)`: add any direction, e.g. `diff_in_means(...)`, the
   supervised baseline the AbsTopK paper compares SAE steering against.
 
@@ -109,11 +112,11 @@ def _directions(sae: SAE, ids: list[int], source: int | None) -> Tensor:
 
 
 def _sae_width(iv: Any) -> int:
-    """Width of the hook an SAE intervention acts on: the SAE's input (its output for `Add`, which differs
-    for a transcoder), or one crosscoder source's."""
+    """Width of the hook an SAE intervention acts on: where the SAE writes (a transcoder's output hook), or one
+    crosscoder source's."""
     if getattr(iv, "source", None) is not None:
         return iv.sae.cfg.d_in
-    return iv.sae.d_out if isinstance(iv, Add) else iv.sae.d_in
+    return iv.sae.d_out
 
 
 @dataclass(frozen=True)
@@ -174,13 +177,8 @@ class Clamp:
     max_acts: Any = None
 
     def hook(self) -> str:
-        """Hook point this intervention acts on."""
-        if self.sae.cfg.transcoder:
-            raise DataError(
-                "clamping or ablating a transcoder's latents needs its input and output hooks in one pass, which "
-                "saelab does not do yet; steer it with Add (at its output hook)"
-            )
-        return _hook_of(self.sae, self.hook_name)
+        """Hook point this intervention acts on (a transcoder's output hook, where its latents write)."""
+        return _hook_of(self.sae, self.hook_name, writes=True)
 
     def targets(self) -> tuple[list[int], Tensor]:
         """Feature ids and the activation each is set to."""
@@ -193,24 +191,43 @@ class Clamp:
         return ids, _in_units(vals, ids, self.units, self.max_acts, self.sae)
 
     def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
-        """Validate once and return the function applied at every forward pass."""
+        """Validate once and return the function applied at every forward pass (for a transcoder, `hooks`
+        also reads its input hook first)."""
+        return self.hooks(width)[-1][1]
+
+    def hooks(self, width: int) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+        """(hook, function) pairs of every forward pass, in the order they fire: an SAE's one; a transcoder's
+        latents are read at its input hook and changed at its output hook."""
         ids, new = self.targets()
         sae, directions = self.sae, self.sae.decoder_directions()[ids]
+        inputs: list[Tensor] = []  # a transcoder's input activations of the pass under way
+
+        def read(act: Tensor) -> Tensor:
+            inputs[:] = [act.reshape(-1, act.shape[-1])]
+            return act
 
         def fn(act: Tensor) -> Tensor:
             flat = act.reshape(-1, act.shape[-1])
-            keep = keep_mask(flat, sae.cfg.exclude_norm_above)
-            x = flat[keep].to(sae.W_dec.device)
-            delta = (new - sae.encode(x)[:, ids]) @ directions
+            if sae.cfg.transcoder and (not inputs or len(inputs[0]) != len(flat)):
+                raise DataError(f"{sae.cfg.hook_name!r} did not fire before {sae.cfg.hook_name_out!r} in this pass")
+            src = inputs.pop() if sae.cfg.transcoder else flat
+            keep = keep_mask(src, sae.cfg.exclude_norm_above)
+            delta = (new - sae.encode(src[keep].to(sae.W_dec.device))[:, ids]) @ directions
             out = flat.clone()
-            out[keep] = (x + delta).to(flat.dtype)
+            out[keep] = (flat[keep].to(delta) + delta).to(flat.dtype)
             return out.view_as(act)
 
-        return fn
+        return ([(sae.cfg.hook_name, read)] if sae.cfg.transcoder else []) + [(self.hook(), fn)]
 
-    def apply(self, act: Tensor) -> Tensor:
-        """The activations [..., d] with the chosen features set and everything else kept."""
-        return self.prepare(act.shape[-1])(act)
+    def apply(self, act: Tensor, inputs: Tensor | None = None) -> Tensor:
+        """The activations [..., d] with the chosen features set and everything else kept (a transcoder's
+        output activations, given its `inputs` on the same tokens)."""
+        fns = self.hooks(act.shape[-1])
+        if self.sae.cfg.transcoder:
+            if inputs is None:
+                raise DataError("a transcoder's latents come from its input: pass inputs=")
+            fns[0][1](inputs)
+        return fns[-1][1](act)
 
 
 def Ablate(sae: SAE, features: Features, hook_name: str | None = None) -> Clamp:
@@ -264,7 +281,8 @@ def _prepare(model: LanguageModel, interventions: Sequence[Intervention]) -> Pre
         width = model.hook_width(hook)
         if getattr(iv, "sae", None) is not None and width != _sae_width(iv):
             raise DataError(f"SAE input width {_sae_width(iv)} does not match hook {hook!r} (width {width})")
-        by_hook.setdefault(hook, []).append(iv.prepare(width))
+        for name, fn in iv.hooks(width) if isinstance(iv, Clamp) else [(hook, iv.prepare(width))]:
+            by_hook.setdefault(name, []).append(fn)
     return by_hook
 
 
@@ -514,7 +532,7 @@ def sweep(
     strengths = [0.0] if kind == "ablate" else _amounts(list(strengths), len(strengths), "strength")
     if not strengths:
         raise DataError("give at least one strength")
-    hook = hook_name or _hook_of(sae, None)
+    hook = hook_name or _hook_of(sae, None, writes=True)
     settings: dict[Any, list[Intervention]] = {}
     aims: dict[Any, list[int]] = {}
     for f in ids:

@@ -52,8 +52,8 @@ def test_transcoder_input_errors_are_clear() -> None:
         tc.split_rows(torch.randn(3, 7))
     with pytest.raises(DataError, match="targets"):
         reconstruction_metrics(tc, torch.randn(3, 6))
-    with pytest.raises(DataError, match="steer it with Add"):
-        Ablate(tc, [0]).hook()
+    with pytest.raises(DataError, match="inputs="):
+        Ablate(tc, [0]).apply(torch.randn(3, 4))
     with pytest.raises(ConfigError, match="transcoder"):
         SAEConfig(d_in=4, skip_connection=True)
     with pytest.raises(ConfigError, match="topafa"):
@@ -98,3 +98,21 @@ def test_skip_transcoder_splices_in_better_than_a_plain_one_at_equal_l0(
     assert plain.l0 == skip.l0 == 4
     assert skip.ce_loss_sae < plain.ce_loss_sae and skip.kl_div < plain.kl_div and skip.fvu < plain.fvu
     assert plain.ce_loss_clean == skip.ce_loss_clean  # the same held-out tokens
+
+
+def test_clamping_a_transcoder_latent_changes_its_output_hook_by_that_latent_alone(
+    tiny_model, tiny_model_dir, corpus_dir, tmp_path
+) -> None:
+    from saelab.steering import Clamp, intervene
+
+    torch.manual_seed(0)
+    tc = SAE(SAEConfig(d_in=32, d_sae=64, k=4, d_out=32, hook_name=MLP_IN, hook_name_out=MLP_OUT)).eval()
+    toks = torch.randint(3, 300, (2, 9))
+    acts = tiny_model.activations_at(toks, [MLP_IN, MLP_OUT])
+    x, y = acts[MLP_IN].reshape(-1, 32), acts[MLP_OUT].reshape(-1, 32)
+    a = tc.encode(x)
+    expected = y + (5.0 - a[:, [7]]) * tc.decoder_directions()[7]
+    assert torch.allclose(Clamp(tc, 7, 5.0).apply(y, inputs=x), expected, atol=1e-5)
+    with intervene(tiny_model, [Clamp(tc, 7, 5.0)]):  # read at the input hook, written at the output hook
+        steered = tiny_model.activations(toks, MLP_OUT).reshape(-1, 32)
+    assert torch.allclose(steered, expected, atol=1e-4)
