@@ -71,12 +71,13 @@ def prompt(info: SAEInfo, text: str) -> PromptActivations:
 
 
 def _source(info: SAEInfo, source: int) -> tuple[LoadedRun, Any, str]:
-    """The run, and the model and hook point of its source `source` (0 for an SAE)."""
+    """The run, and the model and hook point of its source `source` (0 for an SAE): the hook where steering
+    acts, which for a transcoder is its output hook."""
     run = load_run(info)
     if not 0 <= source < len(run.sources):
         common.fail(f"`src={source}` is out of range: {info.sae_id} reads {len(run.sources)} source(s).")
     model, hook = run.sources[source]
-    return run, model, hook
+    return run, model, run.sae.cfg.hook_name_out or hook
 
 
 def _crosscoder_source(run: LoadedRun, source: int) -> int | None:
@@ -98,8 +99,7 @@ def interventions(
         )
     with common.errors():
         if kind == "add":
-            src = _crosscoder_source(run, source)  # an SAE's Add finds its own hook (a transcoder's: its output)
-            return [Add(run.sae, features, strengths, units, max_acts, hook if src is not None else None, src)]
+            return [Add(run.sae, features, strengths, units, max_acts, hook, _crosscoder_source(run, source))]
         if kind == "clamp":
             return [Clamp(run.sae, features, strengths, units=units, max_acts=max_acts)]
         return [Ablate(run.sae, features)]
@@ -140,7 +140,8 @@ def sweep(
     with common.errors():
         vector = None
         if baseline is not None:
-            threshold = run.sae.cfg.exclude_norm_above
+            # The SAE's outlier rule reads its input; a transcoder steers at its output hook (as `Add` does there).
+            threshold = 0.0 if run.sae.cfg.transcoder else run.sae.cfg.exclude_norm_above
             vector = steering.diff_in_means(model, hook, *baseline, threshold, last_token_only=True)
         return steering.sweep(
             model, run.sae, features, strengths, sequences, kind, units, max_acts,
