@@ -155,13 +155,20 @@ def reconstruction_metrics(
 
 @torch.no_grad()
 def spliced_metrics(
-    sae: SAE, model: LanguageModel, sequences: Tensor, batch_size: int = 8, all_tokens: bool = False
+    sae: SAE,
+    model: LanguageModel,
+    sequences: Tensor,
+    batch_size: int = 8,
+    all_tokens: bool = False,
+    grad_selection: bool = False,
 ) -> SpliceMetrics:
     """Reconstruction metrics and CE / KL with the SAE spliced into the model over `sequences` [n, T].
 
     `all_tokens=True` also splices the SAE in at massive-norm outliers (reported as ce_loss_all_tokens).
     A transcoder reads its input hook and is spliced in at its output hook (`cfg.hook_name_out`): its
     prediction replaces that hook's activations, and the zero ablation zeroes them.
+    `grad_selection`: a gsae selects its latents as in training, with the LM loss's gradients at its hook on
+    each batch (a backward pass through the clean model), instead of as TopK.
     """
     hook = sae.cfg.hook_name
     width = model.hook_width(hook)
@@ -170,7 +177,10 @@ def spliced_metrics(
     if sae.cfg.transcoder and model.hook_width(sae.cfg.hook_name_out) != sae.d_out:
         out = sae.cfg.hook_name_out
         raise DataError(f"transcoder d_out = {sae.d_out} does not match hook {out!r} of {model.name}")
-    (out,) = _splice_each_source(sae, [(model, hook)], sequences, batch_size, all_tokens, "eval (SAE spliced in)")
+    if grad_selection and sae.cfg.sparsifier != "gsae":
+        raise DataError(f"grad_selection applies to a gsae; this SAE is {sae.cfg.sparsifier}")
+    desc = "eval (SAE spliced in)"
+    (out,) = _splice_each_source(sae, [(model, hook)], sequences, batch_size, all_tokens, desc, grad_selection)
     return out
 
 
@@ -197,7 +207,7 @@ def crosscoder_spliced_metrics(
 
 def _splice_each_source(
     sae: SAE, sources: Sequence[tuple[LanguageModel, str]], sequences: Tensor, batch_size: int, all_tokens: bool,
-    desc: str,
+    desc: str, grad_selection: bool = False,
 ) -> list[SpliceMetrics]:  # fmt: skip
     """Reconstruction and CE / KL metrics per source.
 
@@ -223,7 +233,10 @@ def _splice_each_source(
         x = torch.cat([g[h].reshape(toks.numel(), -1) for g, (_, h) in zip(grabbed, sources, strict=True)], dim=1)
         x = x.to(device, torch.float32)
         keep = keep_mask(x, sae.cfg.exclude_norm_above)
-        codes = sae.encode(x)
+        grad = None
+        if grad_selection:  # a gsae (one source); the backward pass enables autograd itself
+            grad = sources[0][0].activations_and_grads(toks, sources[0][1])[1].reshape(len(x), -1).to(x)
+        codes = sae.encode(x, grad)
         recon = (sae.decode(codes) + sae.skip(x)).reshape(len(x), S, -1)
         per_source = (grabbed[0][out_hook].reshape(len(x), -1).to(x) if out_hook else x).view(len(x), S, -1)
         for s, (model, hook) in enumerate(sources):

@@ -230,9 +230,14 @@ class SAE(nn.Module):
         b_pre = self._b_pre()
         return impl.encode_select(xs, self.W_enc, self.b_enc, b_pre, k or sp.k, sp.signed, aux_scales, self.k_aux)
 
-    def encode_code(self, x: Tensor) -> Code:
-        """Sparse code of inputs [..., d_in] as a `Code` (the sparsifier's native form)."""
+    def encode_code(self, x: Tensor, grad: Tensor | None = None) -> Code:
+        """Sparse code of inputs [..., d_in] as a `Code` (the sparsifier's native form). A gsae given the LM
+        loss's gradients at its inputs, `grad`, selects as in training; without them it is TopK."""
         xs = self._flat(x)
+        if grad is not None:
+            if self.cfg.sparsifier != "gsae":
+                raise DataError(f"only a gsae selects with gradients; this SAE is {self.cfg.sparsifier}")
+            return self.sparsifier.select_with_grad(self._pre(xs), self._grad_along(grad, None))
         if self.sparsifier.per_token:
             sel = self._select(xs, self._impl(xs.device))
             return Code(sel.values, sel.indices)
@@ -248,9 +253,9 @@ class SAE(nn.Module):
         """||x - b_dec||^2 per token of normalised inputs [N, d_in]: what the latents must rebuild."""
         return (xs - self.b_dec).detach().pow(2).sum(-1)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Feature activations as a dense [..., d_sae] tensor."""
-        return self.encode_code(x).dense(self.d_sae).reshape(*self._lead_shape(x), self.d_sae)
+    def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
+        """Feature activations as a dense [..., d_sae] tensor (`grad`: as in `encode_code`)."""
+        return self.encode_code(x, grad).dense(self.d_sae).reshape(*self._lead_shape(x), self.d_sae)
 
     def encode_sparse(self, x: Tensor) -> SparseCode:
         """Feature activations as `SparseCode(values [N, K], indices [N, K])` with inputs flattened."""

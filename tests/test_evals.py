@@ -105,3 +105,17 @@ def test_dark_matter_finds_the_planted_linear_part_of_an_error() -> None:
         noise.update(torch.randn(2000, d), torch.randn(2000, d))
     assert all(abs(r) < 0.01 for r in noise.scores())
     assert math.isnan(DarkMatter(d, torch.device("cpu")).scores()[0])  # nothing scored yet
+
+
+def test_a_gsae_can_be_spliced_in_with_its_training_selection(tiny_model) -> None:
+    from saelab.errors import DataError
+
+    torch.manual_seed(0)
+    hook = "blocks.0.hook_resid_post"
+    gsae = SAE(SAEConfig(d_in=32, d_sae=64, k=2, sparsifier="gsae", gsae_beta=50.0, hook_name=hook)).eval()
+    toks = torch.randint(3, 300, (4, 12))
+    topk, by_grad = (spliced_metrics(gsae, tiny_model, toks, grad_selection=g) for g in (False, True))
+    assert topk.l0 == by_grad.l0 == 2 and topk.ce_loss_clean == by_grad.ce_loss_clean
+    assert by_grad.fvu != topk.fvu  # other latents were chosen
+    with pytest.raises(DataError, match="grad_selection"):
+        spliced_metrics(SAE(SAEConfig(d_in=32, d_sae=64, k=2, hook_name=hook)), tiny_model, toks, grad_selection=True)

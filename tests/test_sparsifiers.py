@@ -245,4 +245,8 @@ def test_gsae_reads_gradients_in_training_only_and_scales_them_per_batch() -> No
         sae(x, grad=g)
     plain = SAE(SAEConfig(d_in=8, d_sae=16, sparsifier="topk", k=2))
     plain.load_state_dict(sae.state_dict())
-    assert torch.equal(sae.encode(x), plain.eval().encode(x))  # at inference a gsae is TopK
+    assert torch.equal(sae.encode(x), plain.eval().encode(x))  # at inference a gsae is TopK ...
+    chosen = sae.encode(x, grad=g)  # ... unless it is given gradients, when it selects as in training
+    assert torch.equal(chosen, sae.train()(x, grad=g).code.dense(16)) and not torch.equal(chosen, sae.encode(x))
+    with pytest.raises(DataError, match="only a gsae"):
+        plain.encode(x, grad=g)
