@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine partial runs (one device) into one table; rows keep their rooflines")  # fmt: skip
     parser.add_argument("--variants", action="store_true", help="one row per saelab variant at one shape")
+    parser.add_argument("--no-save", action="store_true", help="--variants: print the table only")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -273,7 +274,7 @@ def main() -> None:
         return
     gpu = torch.cuda.is_available() and not args.cpu
     if args.variants:
-        variants(gpu, args.steps or (20 if gpu else 5), args.shapes, args.batches)
+        variants(gpu, args.steps or (20 if gpu else 5), args.shapes, args.batches, save=not args.no_save)
         return
     shapes, batches = (GPU_SHAPES, GPU_BATCHES) if gpu else (CPU_SHAPES, CPU_BATCHES)
     if args.shapes:
@@ -301,9 +302,9 @@ def main() -> None:
     save_results("train_step", kind, table, {"device": device, "peaks": peaks, "rows": rows})
 
 
-def variants(gpu: bool, steps: int, shapes: list[str] | None, batches: list[int] | None) -> None:
+def variants(gpu: bool, steps: int, shapes: list[str] | None, batches: list[int] | None, save: bool = True) -> None:
     """Time saelab's training step for every registered sparsifier and both transcoders at one shape and batch,
-    print the table (throughput relative to TopK on the torch backend) and save it."""
+    print the table (throughput relative to TopK on the torch backend) and save it (`save`)."""
     from saelab.config import SPARSIFIER_NAMES
 
     d_in, d_sae, k = tuple(map(int, shapes[0].split(","))) if shapes else (GPU_SHAPES[1] if gpu else CPU_SHAPES[1])
@@ -331,8 +332,9 @@ def variants(gpu: bool, steps: int, shapes: list[str] | None, batches: list[int]
     table = "\n".join(lines)
     print(table)
     rows = [{"variant": n, "backend": b, **r} for (n, b), r in results.items()]
-    save_results("train_step_variants", "gpu" if gpu else "cpu", table, {"device": device, "rows": rows,
-                 "shape": [d_in, d_sae, k], "batch": batch})  # fmt: skip
+    if save:
+        data = {"device": device, "rows": rows, "shape": [d_in, d_sae, k], "batch": batch}
+        save_results("train_step_variants", "gpu" if gpu else "cpu", table, data)
 
 
 def render(rows: list[dict], impls: list[str], device: str, peaks: dict) -> str:

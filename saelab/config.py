@@ -80,7 +80,7 @@ class SAEConfig:
     """topafa only: weight of the AFA loss, (||x|| - ||code||)^2 / d_in per token, which pulls the code's norm
     towards the input's (Lee et al. 2025)."""
 
-    gsae_beta: float = 1.0
+    gsae_beta: float = 0.25
     """gsae only: weight of the gradient term in the training selection, which ranks latents by
     a * (1 + beta * |g . d|), g the LM loss's gradient at the hook (normalised to mean norm sqrt(d_in)) and d
     the latent's unit decoder direction."""

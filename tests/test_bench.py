@@ -34,3 +34,14 @@ def test_distributed_bench_runs(tiny_model_dir) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| one pass for all hooks |" in done.stdout
     assert "| latent-sharded, 2 ranks x 1 thread |" in done.stdout
+
+
+def test_train_step_bench_has_a_row_per_variant() -> None:
+    from saelab.config import SPARSIFIER_NAMES
+
+    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--variants", "--cpu", "--no-save"]
+    cmd += ["--shapes", "16,64,4", "--batches", "64", "--steps", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.endswith("x |")]
+    assert sorted(rows) == sorted([*SPARSIFIER_NAMES, "transcoder", "skip_transcoder"])  # none errored
