@@ -116,3 +116,14 @@ def test_clamping_a_transcoder_latent_changes_its_output_hook_by_that_latent_alo
     with intervene(tiny_model, [Clamp(tc, 7, 5.0)]):  # read at the input hook, written at the output hook
         steered = tiny_model.activations(toks, MLP_OUT).reshape(-1, 32)
     assert torch.allclose(steered, expected, atol=1e-4)
+
+
+def test_the_store_names_a_transcoders_kind_and_both_hooks() -> None:
+    from saelab.store.records import SAEInfo
+
+    blank = {f.name: None for f in dataclasses.fields(SAEInfo)}
+    cfg = {"hook_name_out": MLP_OUT, "skip_connection": True}
+    info = SAEInfo(**blank | {"hook_name": MLP_IN, "sparsifier": "topk", "cfg": cfg})
+    assert info.kind == "topk (skip transcoder)" and info.hook_label == f"{MLP_IN} → {MLP_OUT}"
+    plain = SAEInfo(**blank | {"hook_name": MLP_IN, "sparsifier": "jumprelu", "cfg": {"hook_name_out": ""}})
+    assert plain.kind == "jumprelu" and plain.hook_label == MLP_IN

@@ -28,7 +28,7 @@ def go_to(target: int) -> None:
 st.title(f"{sae_id} · feature #{feature}")
 if s.label:
     st.subheader(s.label)
-st.caption(f"{info.model} · {info.hook_name} · {info.sparsifier} · {info.n_tokens:,} tokens analysed")
+st.caption(f"{info.model} · {info.hook_label} · {info.kind} · {info.n_tokens:,} tokens analysed")
 
 
 @st.fragment

@@ -18,7 +18,7 @@ def row(i: SAEInfo) -> dict[str, object]:
     # Evals first, so they stay in view; the long model and hook names last.
     return {
         "SAE": i.sae_id,
-        "sparsifier": i.sparsifier,
+        "sparsifier": i.kind,
         "d_sae": i.d_sae,
         "k": i.k,
         "FVU": ev.get("fvu"),
@@ -29,7 +29,7 @@ def row(i: SAEInfo) -> dict[str, object]:
         "dense": None if dense is None else round(dense * i.d_sae),
         "tokens analysed": i.n_tokens,
         "model": i.model,
-        "hook point": i.hook_name,
+        "hook point": i.hook_label,
     }
 
 

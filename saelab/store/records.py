@@ -47,6 +47,20 @@ class SAEInfo:
     density_edges: list[float]
     density_counts: list[int]
 
+    @property
+    def hook_label(self) -> str:
+        """Where the SAE reads, and for a transcoder where it writes ('in -> out')."""
+        out = (self.cfg or {}).get("hook_name_out")
+        return f"{self.hook_name} → {out}" if out else self.hook_name
+
+    @property
+    def kind(self) -> str:
+        """The sparsifier, and for a transcoder which kind ('topk (skip transcoder)')."""
+        cfg = self.cfg or {}
+        if not cfg.get("hook_name_out"):
+            return self.sparsifier
+        return f"{self.sparsifier} ({'skip ' if cfg.get('skip_connection') else ''}transcoder)"
+
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> SAEInfo:
         """Build from a `saes` row, decoding its JSON columns."""
