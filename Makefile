@@ -41,7 +41,8 @@ test-tl3:
 	$(TL3_VENV)/bin/python -c "import torch" 2>/dev/null || $(TL3_VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(TL3_VENV)/bin/python -m pip install -q -e ".[dev]" "transformer-lens>=3.9,<4" "sae-lens>=6.50,<7"
 	$(TL3_VENV)/bin/python -m pytest -q tests/test_models.py tests/test_activations.py tests/test_evals.py tests/test_cli.py \
-		tests/test_analysis.py tests/test_store.py tests/test_steering.py tests/test_nonfinite.py tests/test_formats.py
+		tests/test_analysis.py tests/test_store.py tests/test_steering.py tests/test_nonfinite.py tests/test_formats.py \
+		tests/test_transcoders.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
