@@ -549,6 +549,11 @@ def _harvest_source(
     read, extra = None, 0
     if cfg.hook_name_out:
         extra = model.hook_width(cfg.hook_name_out)
+        if model.hook_order([cfg.hook_name_out, cfg.hook_name])[0] != cfg.hook_name:
+            raise DataError(
+                f"a transcoder predicts a later hook point from an earlier one, but {cfg.hook_name_out!r} fires before "
+                f"{cfg.hook_name!r} in {model.name}; swap data.hook_name and data.hook_name_out"
+            )
 
         def read(toks: Tensor) -> Tensor:
             acts = model.activations_at(toks, [cfg.hook_name, cfg.hook_name_out])

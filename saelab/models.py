@@ -276,6 +276,21 @@ class LanguageModel(TextTokenizer):
                 p.requires_grad_(True)
         return torch.cat(acts), torch.cat(grads)
 
+    def hook_order(self, hook_names: Sequence[str]) -> list[str]:
+        """`hook_names` in the order they fire in a forward pass (found with a one-token pass)."""
+        fired: list[str] = []
+
+        def note(name: str) -> HookFn:
+            def fn(act: Tensor, hook: Any) -> None:
+                if name not in fired:
+                    fired.append(name)
+
+            return fn
+
+        with torch.inference_mode():
+            self.run_with_hooks(torch.tensor([[self.eos_token_id]]), [(h, note(h)) for h in hook_names], None)
+        return fired
+
     def hook_width(self, hook_name: str) -> int:
         """Last-dimension size of the activations at `hook_name` (found with a one-token pass)."""
         if hook_name not in self._widths:

@@ -127,3 +127,18 @@ def test_the_store_names_a_transcoders_kind_and_both_hooks() -> None:
     assert info.kind == "topk (skip transcoder)" and info.hook_label == f"{MLP_IN} → {MLP_OUT}"
     plain = SAEInfo(**blank | {"hook_name": MLP_IN, "sparsifier": "jumprelu", "cfg": {"hook_name_out": ""}})
     assert plain.kind == "jumprelu" and plain.hook_label == MLP_IN
+
+
+def test_a_transcoder_whose_output_hook_fires_first_is_refused(
+    tiny_model, tiny_model_dir, corpus_dir, tmp_path
+) -> None:
+    assert tiny_model.hook_order([MLP_OUT, "blocks.1.hook_resid_post", MLP_IN]) == [
+        MLP_IN,
+        MLP_OUT,
+        "blocks.1.hook_resid_post",
+    ]
+    data = DataConfig(model=str(tiny_model_dir), dataset=str(corpus_dir), hook_name=MLP_OUT, hook_name_out=MLP_IN,
+                      context_size=32, n_tokens=256)  # fmt: skip
+    with pytest.raises(DataError, match=r"swap data\.hook_name"):
+        ActivationCache.harvest(tiny_model, data, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
