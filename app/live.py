@@ -140,9 +140,7 @@ def sweep(
     with common.errors():
         vector = None
         if baseline is not None:
-            # The SAE's outlier rule reads its input; a transcoder steers at its output hook (as `Add` does there).
-            threshold = 0.0 if run.sae.cfg.transcoder else run.sae.cfg.exclude_norm_above
-            vector = steering.diff_in_means(model, hook, *baseline, threshold, last_token_only=True)
+            vector = steering.diff_in_means(model, hook, *baseline, run.sae.write_norm_threshold, last_token_only=True)
         return steering.sweep(
             model, run.sae, features, strengths, sequences, kind, units, max_acts,
             targets=targets, baseline=vector, source=_crosscoder_source(run, source), hook_name=hook,

@@ -39,6 +39,9 @@ from saelab.models import LanguageModel, load_model
 
 SHARD_TOKENS = 65_536
 CACHE_FORMAT = 1
+PAIRED_FIELDS = ("cross_sources", "hook_name_out", "gradients")
+"""DataConfig fields that make a cache row more than one hook's activations (or need a backward pass): they
+enter a cache's key only when set (older caches stay usable), and a shared harvest of several hooks refuses them."""
 
 
 class ActivationSource(Protocol):
@@ -186,8 +189,9 @@ class ModelActivations:
             acts = self.read(toks).reshape(-1, self.d_in).float().cpu()
             if self.threshold is None:
                 self.threshold = norm_threshold(acts[:, : self.d_norm], self.factor)
-            keep = keep_mask(acts[:, : self.d_norm], self.threshold) & acts.isfinite().all(dim=-1)
-            counts = (len(acts), int((~keep).sum()), int((~acts.isfinite().all(dim=-1)).sum()))
+            finite = acts.isfinite().all(dim=-1)
+            keep = keep_mask(acts[:, : self.d_norm], self.threshold) & finite
+            counts = (len(acts), int((~keep).sum()), int((~finite).sum()))
             self.batch_counts.append(counts)
             self.n_seen += counts[0]
             self.n_excluded += counts[1]
@@ -371,9 +375,7 @@ class ActivationCache:
             "exclude_norm_factor",
         )
         key = {f: getattr(cfg, f) for f in fields} | {"seed": seed, "format": CACHE_FORMAT}
-        # Fields added later enter the key only when set, so caches written before them stay usable.
-        extra = {f: getattr(cfg, f) for f in ("cross_sources", "hook_name_out", "gradients") if getattr(cfg, f)}
-        return key | extra
+        return key | {f: getattr(cfg, f) for f in PAIRED_FIELDS if getattr(cfg, f)}
 
     @classmethod
     def open_or_harvest(
@@ -435,7 +437,7 @@ class ActivationCache:
             differ = sorted(
                 k for k, v in vars(cfg).items() if k not in ("hook_name", "cache_dir") and v != vars(first)[k]
             )
-            paired = [f for f in ("cross_sources", "hook_name_out", "gradients") if getattr(cfg, f) or vars(first)[f]]
+            paired = [f for f in PAIRED_FIELDS if getattr(cfg, f) or vars(first)[f]]
             if differ or paired:
                 why = f"differ in {differ}" if differ else f"set {paired}, which one shared forward pass cannot serve"
                 raise DataError(

@@ -162,6 +162,8 @@ class SAEConfig:
             raise ConfigError(f"k = {self.k} exceeds d_sae = {self.d_sae}: a token cannot use more latents than exist")
         if self.skip_connection and not self.transcoder and self.d_in:
             raise ConfigError("skip_connection needs a transcoder: set data.hook_name_out")
+        if self.transcoder and self.d_in and self.d_out < 1:
+            raise ConfigError("a transcoder needs d_out > 0, the width of its output hook")
         if self.transcoder and self.n_sources > 1:
             raise ConfigError("a crosscoder cannot also be a transcoder: set data.cross_sources or data.hook_name_out")
         if self.transcoder and self.sparsifier == "topafa":

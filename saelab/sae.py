@@ -121,10 +121,6 @@ class SAE(nn.Module):
                 f"n_sources = {cfg.n_sources} describes a crosscoder: use saelab.sae.CrossCoder "
                 "(SAE.load picks it for a saved one)"
             )
-        if cfg.transcoder and cfg.d_out <= 0:
-            raise ConfigError("a transcoder needs d_out > 0, the width of its output hook")
-        if cfg.skip_connection and not cfg.transcoder:
-            raise ConfigError("skip_connection needs a transcoder (d_out and hook_name_out)")
         self.cfg = cfg
         self.sparsifier = make_sparsifier(cfg)
         width = cfg.n_sources * cfg.d_in
@@ -163,6 +159,12 @@ class SAE(nn.Module):
         return self.cfg.d_out or self.d_in
 
     @property
+    def write_norm_threshold(self) -> float:
+        """Norm above which activations at the hook the SAE writes to are massive-norm outliers that steering
+        leaves alone: `cfg.exclude_norm_above` of an SAE, none (0) for a transcoder, whose rule reads its input."""
+        return 0.0 if self.cfg.transcoder else self.cfg.exclude_norm_above
+
+    @property
     def recon_scale(self) -> Tensor:
         """Scale of the output's normalised units (the input's `act_scale` for an SAE)."""
         return self.out_scale if self.cfg.transcoder else self.act_scale
@@ -185,11 +187,15 @@ class SAE(nn.Module):
     def split_rows(self, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """A batch of activation-cache rows as (inputs, `forward` keyword arguments): a transcoder's rows hold
         its input then its target, a gsae's its input then the LM loss's gradient there."""
-        extra = {"gsae": "grad"}.get(self.cfg.sparsifier, "target" if self.cfg.transcoder else "")
-        width = self.d_in + (self.d_out if extra == "target" else self.d_in if extra else 0)
+        if self.cfg.sparsifier == "gsae":
+            extra, width = "grad", 2 * self.d_in
+        elif self.cfg.transcoder:
+            extra, width = "target", self.d_in + self.d_out
+        else:
+            extra, width = "", self.d_in
         if rows.shape[-1] != width:
-            what = {"": "its input", "grad": "its input and its gradient", "target": "its input and its target"}
-            raise DataError(f"rows of width {rows.shape[-1]} for an SAE that reads {what[extra]} (width {width})")
+            what = {"": "its input", "grad": "its input and its gradient", "target": "its input and its target"}[extra]
+            raise DataError(f"rows of width {rows.shape[-1]} for an SAE that reads {what} (width {width})")
         return rows[..., : self.d_in], ({extra: rows[..., self.d_in :]} if extra else {})
 
     def _flat(self, x: Tensor) -> Tensor:

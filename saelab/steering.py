@@ -119,8 +119,22 @@ def _sae_width(iv: Any) -> int:
     return iv.sae.d_out
 
 
+class _OneHook:
+    """An intervention acting at one hook point: `hook()`, with the function `prepare(width)` builds."""
+
+    def hook(self) -> str:
+        raise NotImplementedError
+
+    def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
+        raise NotImplementedError
+
+    def hooks(self, width: int) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+        """(hook, function) pairs to attach for every forward pass, in the order they fire."""
+        return [(self.hook(), self.prepare(width))]
+
+
 @dataclass(frozen=True)
-class Add:
+class Add(_OneHook):
     """Add `strength` x each feature's decoder direction (see the module docstring for `units`)."""
 
     sae: SAE
@@ -151,8 +165,7 @@ class Add:
 
     def prepare(self, width: int) -> Callable[[Tensor], Tensor]:
         """Validate once and return the function applied at every forward pass."""
-        # The outlier rule reads the SAE's input, which a transcoder's output hook is not: it adds at every token.
-        delta, threshold = self.delta(), 0.0 if self.sae.cfg.transcoder else self.sae.cfg.exclude_norm_above
+        delta, threshold = self.delta(), self.sae.write_norm_threshold
 
         def fn(act: Tensor) -> Tensor:
             return act + keep_mask(act, threshold)[..., None] * delta.to(act.dtype)
@@ -236,7 +249,7 @@ def Ablate(sae: SAE, features: Features, hook_name: str | None = None) -> Clamp:
 
 
 @dataclass(frozen=True)
-class AddVector:
+class AddVector(_OneHook):
     """Add `strength` x `vector` [d] at a hook point (e.g. a difference-in-means direction)."""
 
     hook_name: str
@@ -281,7 +294,7 @@ def _prepare(model: LanguageModel, interventions: Sequence[Intervention]) -> Pre
         width = model.hook_width(hook)
         if getattr(iv, "sae", None) is not None and width != _sae_width(iv):
             raise DataError(f"SAE input width {_sae_width(iv)} does not match hook {hook!r} (width {width})")
-        for name, fn in iv.hooks(width) if isinstance(iv, Clamp) else [(hook, iv.prepare(width))]:
+        for name, fn in iv.hooks(width):
             by_hook.setdefault(name, []).append(fn)
     return by_hook
 

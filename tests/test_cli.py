@@ -45,6 +45,20 @@ def tiny_args(tiny_model_dir, corpus_dir, out) -> list[str]:
     ]
 
 
+def analyse_then_steer(out, tmp_path) -> None:
+    """`saelab analyze` the run in `out`, then check that a strong push along two latents changes the text."""
+    from saelab.rundir import RunDir
+    from saelab.steering import Add, generate
+
+    an = saelab("analyze", str(out), "--tokens", "256", "--store", str(tmp_path / "s.duckdb"), "--n_top", "3")
+    assert an.returncode == 0, an.stderr[-2000:]
+    sae, _, sources = RunDir(out).load()
+    model = sources[0][0]
+    plain = generate(model, "To be, or not", max_new_tokens=4)
+    steered = generate(model, "To be, or not", max_new_tokens=4, interventions=[Add(sae, [0, 1], 50.0)])
+    assert isinstance(steered, str) and steered != plain
+
+
 def test_train_then_eval_json(tiny_model_dir, corpus_dir, tmp_path) -> None:
     out = tmp_path / "run"
     done = saelab("train", *tiny_args(tiny_model_dir, corpus_dir, out))
@@ -162,9 +176,7 @@ def test_gsae_and_transcoders_train_evaluate_analyse_save_and_steer(
     tiny_model_dir, corpus_dir, tmp_path, name, extra
 ) -> None:
     from saelab.activations import ActivationCache
-    from saelab.rundir import RunDir
     from saelab.sae import SAE
-    from saelab.steering import Add, generate
 
     out = tmp_path / name
     done = saelab("train", *tiny_args(tiny_model_dir, corpus_dir, out), *extra)
@@ -179,13 +191,8 @@ def test_gsae_and_transcoders_train_evaluate_analyse_save_and_steer(
     assert sae.cfg.transcoder == (name != "gsae") and sae.cfg.sparsifier == ("gsae" if name == "gsae" else "topk")
     result = json.loads(saelab("eval", str(out), "--json", "--tokens", "256").stdout)
     assert result["l0"] == 4 and math.isfinite(result["ce_loss_sae"]) and math.isfinite(result["fvu"])
-    an = saelab("analyze", str(out), "--tokens", "256", "--store", str(tmp_path / "s.duckdb"), "--n_top", "3")
-    assert an.returncode == 0, an.stderr[-2000:]
-    sae, _, sources = RunDir(out).load()
-    model = sources[0][0]
-    plain = generate(model, "To be, or not", max_new_tokens=4)
-    steered = generate(model, "To be, or not", max_new_tokens=4, interventions=[Add(sae, [0, 1], 50.0)])
-    assert isinstance(steered, str) and steered != plain  # at the transcoder's output hook, where its latents write
+    # At a transcoder's output hook, where its latents write.
+    analyse_then_steer(out, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -195,8 +202,6 @@ def test_gsae_and_transcoders_train_evaluate_analyse_save_and_steer(
 def test_matryoshka_and_topafa_train_evaluate_analyse_and_steer(
     tiny_model_dir, corpus_dir, tmp_path, sparsifier, extra, layout
 ) -> None:
-    from saelab.rundir import RunDir
-    from saelab.steering import Add, generate
 
     out = tmp_path / sparsifier
     done = saelab("train", *tiny_args(tiny_model_dir, corpus_dir, out), "--sae.sparsifier", sparsifier, *extra)
@@ -206,10 +211,4 @@ def test_matryoshka_and_topafa_train_evaluate_analyse_and_steer(
     assert json.loads((out / "cfg.json").read_text())["architecture"] == layout  # SAELens's jumprelu where it has one
     result = json.loads(saelab("eval", str(out), "--json", "--tokens", "256").stdout)
     assert 0 < result["l0"] < 64 and "ce_loss_recovered" in result
-    an = saelab("analyze", str(out), "--tokens", "256", "--store", str(tmp_path / "s.duckdb"), "--n_top", "3")
-    assert an.returncode == 0, an.stderr[-2000:]
-    sae, _, sources = RunDir(out).load()
-    model = sources[0][0]
-    plain = generate(model, "To be, or not", max_new_tokens=4)
-    steered = generate(model, "To be, or not", max_new_tokens=4, interventions=[Add(sae, [0, 1], 50.0)])
-    assert isinstance(steered, str) and steered != plain  # a strong push along two latents changes the text
+    analyse_then_steer(out, tmp_path)
